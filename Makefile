@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv when it is missing.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test clean-venv bench
+
+venv: $(STAMP)
+
+# Order matters: fairseq-fixed builds C extensions against torch, and pip's isolated build
+# environment would pull a second (multi-GB CUDA) torch. So torch and the build tools go in
+# first, then fairseq-fixed without build isolation, then this package (its deps are satisfied).
+$(STAMP): setup.py
+	@echo "==> creating $(VENV) and installing dependencies (first time: ~4 minutes)"
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "torch==2.13.0" cython numpy setuptools wheel
+	$(VPY) -m pip install -q --no-build-isolation "fairseq-fixed==0.12.3.1"
+	$(VPY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+demo: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/demo/run.sh
+
+test: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) -m pytest -q tests
+
+bench: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/speed.py
+
+clean-venv:
+	rm -rf $(VENV)

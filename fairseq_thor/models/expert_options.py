@@ -1,0 +1,162 @@
+"""THOR's model options: how many experts, which layers carry them, how inputs are routed.
+
+The options live on the model (``fairseq-train --arch thor_*`` parses them) and are saved with the
+checkpoint. The inference options can be changed at decoding time through the task flags of
+``translation_thor`` or ``--model-overrides``.
+"""
+import argparse
+from dataclasses import dataclass
+from typing import FrozenSet, Optional
+
+from ..modules.routing import INFERENCE_ROUTING, TRAIN_ROUTING
+
+# Defaults shared by every THOR architecture. E = 2, experts in every other layer and
+# sentence-level inference follow the paper's IWSLT setting; training routing is per sentence,
+# which gives every expert gradient from every batch (the reference draws one expert per batch,
+# still available as --expert-routing batch).
+DEFAULT_NUM_EXPERTS = 2
+DEFAULT_EXPERT_LAYERS = "alternate"
+DEFAULT_TRAIN_ROUTING = "sentence"
+DEFAULT_INFERENCE_ROUTING = "sentence"
+
+EXPERT_LAYERS_HELP = (
+    "which layers carry experts: 'alternate' (0, 2, 4, ...: every other layer starting with the "
+    "first, as in the paper), 'all', 'none', 'every-N' (0, N, 2N, ...) or a comma-separated list "
+    "of 0-based layer indices such as '1,3'"
+)
+
+
+def add_expert_args(parser: argparse.ArgumentParser):
+    """Model flags. Defaults are set by the architecture functions (fairseq's legacy pattern)."""
+    group = parser.add_argument_group("THOR experts")
+    group.add_argument("--num-experts", type=int, metavar="E",
+                       help=f"experts per expert layer, E >= 1; E = 1 is a dense transformer "
+                            f"(default {DEFAULT_NUM_EXPERTS})")
+    group.add_argument("--encoder-expert-layers", metavar="SPEC",
+                       help=f"encoder {EXPERT_LAYERS_HELP} (default {DEFAULT_EXPERT_LAYERS})")
+    group.add_argument("--decoder-expert-layers", metavar="SPEC",
+                       help=f"decoder {EXPERT_LAYERS_HELP} (default {DEFAULT_EXPERT_LAYERS})")
+    group.add_argument("--encoder-expert-ffn-dim", type=int, metavar="N",
+                       help="hidden width of each encoder expert FFN "
+                            "(default: --encoder-ffn-embed-dim)")
+    group.add_argument("--decoder-expert-ffn-dim", type=int, metavar="N",
+                       help="hidden width of each decoder expert FFN "
+                            "(default: --decoder-ffn-embed-dim)")
+    group.add_argument("--expert-routing", choices=TRAIN_ROUTING,
+                       help="how experts are drawn in training: one per batch, per sentence or "
+                            f"per token (default {DEFAULT_TRAIN_ROUTING})")
+    add_inference_args(group)
+
+
+def add_inference_args(group, default=None):
+    """The inference flags, shared by the model and the ``translation_thor`` task."""
+    group.add_argument("--inference-routing", choices=INFERENCE_ROUTING, default=default,
+                       help="how experts are used in evaluation and decoding: a random expert "
+                            "per sentence or per token (or one per batch), a fixed expert "
+                            "(--inference-expert), the mean of all experts' outputs (E times the "
+                            "FFN cost) or one FFN with the experts' weights averaged "
+                            f"(default {DEFAULT_INFERENCE_ROUTING})")
+    group.add_argument("--inference-expert", type=int, metavar="K", default=default,
+                       help="the expert used by --inference-routing fixed, 0 <= K < E (default 0)")
+
+
+def set_expert_defaults(args):
+    """Fill THOR defaults the fairseq way: keep what the user (or the checkpoint) set."""
+    args.num_experts = getattr(args, "num_experts", None) or DEFAULT_NUM_EXPERTS
+    args.encoder_expert_layers = getattr(args, "encoder_expert_layers", None) or DEFAULT_EXPERT_LAYERS
+    args.decoder_expert_layers = getattr(args, "decoder_expert_layers", None) or DEFAULT_EXPERT_LAYERS
+    args.encoder_expert_ffn_dim = getattr(args, "encoder_expert_ffn_dim", None)
+    args.decoder_expert_ffn_dim = getattr(args, "decoder_expert_ffn_dim", None)
+    args.expert_routing = getattr(args, "expert_routing", None) or DEFAULT_TRAIN_ROUTING
+    args.inference_routing = getattr(args, "inference_routing", None) or DEFAULT_INFERENCE_ROUTING
+    if getattr(args, "inference_expert", None) is None:
+        args.inference_expert = 0
+
+
+def parse_expert_layers(spec: str, num_layers: int, option: str) -> FrozenSet[int]:
+    """Turn an expert-layer SPEC into the set of 0-based layer indices; errors name ``option``."""
+    spec = str(spec).strip().lower()
+    if spec == "alternate":
+        return frozenset(range(0, num_layers, 2))
+    if spec == "all":
+        return frozenset(range(num_layers))
+    if spec == "none":
+        return frozenset()
+    if spec.startswith("every-"):
+        step = spec[len("every-"):]
+        if not step.isdigit() or int(step) < 1:
+            raise ValueError(f"{option} {spec!r}: 'every-N' needs a positive integer N")
+        return frozenset(range(0, num_layers, int(step)))
+    try:
+        indices = [int(tok) for tok in spec.split(",") if tok.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {spec!r} is not valid; {EXPERT_LAYERS_HELP}") from None
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"{option} {spec!r}: layer index {bad[0]} is out of range; the model has "
+            f"{num_layers} layers, so valid indices are 0..{num_layers - 1}"
+        )
+    return frozenset(indices)
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """What an expert layer needs to know; one per encoder or decoder."""
+
+    num_experts: int
+    layers: FrozenSet[int]
+    ffn_dim: Optional[int]
+    train_routing: str
+    inference_routing: str
+    inference_expert: int
+
+    @classmethod
+    def from_cfg(cls, cfg, side: str) -> "ExpertSpec":
+        """Read ``side`` ('encoder' or 'decoder') options from a fairseq model config."""
+        validate_expert_args(cfg)
+        num_layers = getattr(cfg, side).layers
+        return cls(
+            num_experts=cfg.num_experts,
+            layers=parse_expert_layers(
+                getattr(cfg, f"{side}_expert_layers"), num_layers, f"--{side}-expert-layers"
+            ),
+            ffn_dim=getattr(cfg, f"{side}_expert_ffn_dim"),
+            train_routing=cfg.expert_routing,
+            inference_routing=cfg.inference_routing,
+            inference_expert=cfg.inference_expert,
+        )
+
+    def has_experts(self, layer_index: int) -> bool:
+        return self.num_experts > 1 and layer_index in self.layers
+
+
+def validate_expert_args(cfg):
+    """Clear errors for impossible THOR settings, naming the flag and what is valid."""
+    if cfg.num_experts < 1:
+        raise ValueError(f"--num-experts must be >= 1 (1 gives a dense transformer), got {cfg.num_experts}")
+    for side in ("encoder", "decoder"):
+        dim = getattr(cfg, f"{side}_expert_ffn_dim")
+        if dim is not None and dim < 1:
+            raise ValueError(f"--{side}-expert-ffn-dim must be a positive width, got {dim}")
+        if dim is not None and cfg.num_experts == 1:
+            raise ValueError(
+                f"--{side}-expert-ffn-dim needs --num-experts > 1; a one-expert model is dense, "
+                f"so set --{side}-ffn-embed-dim instead"
+            )
+    if cfg.expert_routing not in TRAIN_ROUTING:
+        raise ValueError(f"--expert-routing {cfg.expert_routing!r}; valid: {', '.join(TRAIN_ROUTING)}")
+    validate_inference(cfg)
+
+
+def validate_inference(cfg):
+    """``cfg``: anything with num_experts, inference_routing and inference_expert."""
+    if cfg.inference_routing not in INFERENCE_ROUTING:
+        raise ValueError(
+            f"--inference-routing {cfg.inference_routing!r}; valid: {', '.join(INFERENCE_ROUTING)}"
+        )
+    if not 0 <= cfg.inference_expert < cfg.num_experts:
+        raise ValueError(
+            f"--inference-expert {cfg.inference_expert} is out of range for a model with "
+            f"{cfg.num_experts} experts; valid: 0..{cfg.num_experts - 1}"
+        )

@@ -1,0 +1,113 @@
+"""The ``thor_transformer`` model: fairseq's transformer whose chosen layers carry experts.
+
+Only the layer-building hooks change: ``build_encoder`` / ``build_decoder`` return encoders and
+decoders whose ``build_*_layer`` put a THOR layer where ``--{encoder,decoder}-expert-layers`` say
+and fairseq's own layer everywhere else. With ``--num-experts 1`` every layer is fairseq's, so the
+model (and its state dict) is exactly a dense transformer.
+"""
+from dataclasses import replace
+
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import register_model
+from fairseq.models.transformer import (
+    TransformerConfig,
+    TransformerDecoderBase,
+    TransformerEncoderBase,
+    TransformerModel,
+)
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.modules.transformer_layer import (
+    TransformerDecoderLayerBase,
+    TransformerEncoderLayerBase,
+)
+
+from ..modules.experts import ExpertLinear
+from .expert_layers import ExpertFFNMixin, ThorTransformerDecoderLayer, ThorTransformerEncoderLayer
+from .expert_options import ExpertSpec, add_expert_args, set_expert_defaults, validate_inference
+
+
+def wrap_layer(layer, cfg):
+    """Apply fairseq's activation checkpointing and FSDP wrapping, as its own layer builders do."""
+    if cfg.checkpoint_activations:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    # a checkpointed layer must always be wrapped by FSDP, whatever its size (fairseq's rule)
+    return fsdp_wrap(layer, min_num_params=0 if cfg.checkpoint_activations else cfg.min_params_to_wrap)
+
+
+class ThorTransformerEncoder(TransformerEncoderBase):
+    def __init__(self, cfg, dictionary, embed_tokens, return_fc=False):
+        # fairseq builds the layers inside its constructor without passing their index, so the
+        # spec and a running count must exist before super().__init__ calls build_encoder_layer.
+        self.expert_spec = ExpertSpec.from_cfg(cfg, "encoder")
+        self._layers_built = 0
+        super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
+
+    def build_encoder_layer(self, cfg):
+        index, self._layers_built = self._layers_built, self._layers_built + 1
+        if self.expert_spec.has_experts(index):
+            layer = ThorTransformerEncoderLayer(cfg, self.expert_spec, return_fc=self.return_fc)
+        else:
+            layer = TransformerEncoderLayerBase(cfg, return_fc=self.return_fc)
+        return wrap_layer(layer, cfg)
+
+
+class ThorTransformerDecoder(TransformerDecoderBase):
+    def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
+        self.expert_spec = ExpertSpec.from_cfg(cfg, "decoder")  # see ThorTransformerEncoder
+        self._layers_built = 0
+        super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn,
+                         output_projection=output_projection)
+
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        index, self._layers_built = self._layers_built, self._layers_built + 1
+        if self.expert_spec.has_experts(index):
+            layer = ThorTransformerDecoderLayer(cfg, self.expert_spec, no_encoder_attn)
+        else:
+            layer = TransformerDecoderLayerBase(cfg, no_encoder_attn)
+        return wrap_layer(layer, cfg)
+
+
+@register_model("thor_transformer")
+class ThorTransformerModel(TransformerModel):
+    """THOR: Transformer witH StOchastic ExpeRts (Zuo et al., ICLR 2022, arXiv 2110.04260)."""
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        add_expert_args(parser)
+
+    @classmethod
+    def build_model(cls, args, task):
+        set_expert_defaults(args)
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_encoder(cls, cfg, src_dict, embed_tokens):
+        return ThorTransformerEncoder(TransformerConfig.from_namespace(cfg), src_dict, embed_tokens)
+
+    @classmethod
+    def build_decoder(cls, cfg, tgt_dict, embed_tokens):
+        cfg = TransformerConfig.from_namespace(cfg)
+        return ThorTransformerDecoder(cfg, tgt_dict, embed_tokens,
+                                      no_encoder_attn=cfg.no_cross_attention)
+
+    def set_inference_routing(self, mode: str, expert: int = 0):
+        """Change how experts are used in evaluation and decoding (task flags call this)."""
+        for layer in self.modules():
+            if isinstance(layer, ExpertFFNMixin):
+                spec = replace(layer.spec, inference_routing=mode, inference_expert=expert)
+                validate_inference(spec)
+                layer.spec = spec
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        # Name the real problem (another number of experts) before torch's shape-mismatch dump.
+        for name, bank in self.named_modules():
+            theirs = state_dict.get(f"{name}.weight") if isinstance(bank, ExpertLinear) else None
+            if theirs is not None and (theirs.dim() != 3 or theirs.shape[0] != bank.num_experts):
+                found = theirs.shape[0] if theirs.dim() == 3 else 1
+                raise ValueError(
+                    f"checkpoint has {found} expert(s) in {name} but this model was built with "
+                    f"--num-experts {bank.num_experts}; load it with its own number of experts "
+                    f"(drop --num-experts or the num_experts model override)"
+                )
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)

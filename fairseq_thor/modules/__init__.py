@@ -1,0 +1,3 @@
+"""The THOR mechanism, usable without fairseq's command-line tools."""
+from .experts import ExpertLinear, routed  # noqa
+from .routing import Route, make_route  # noqa

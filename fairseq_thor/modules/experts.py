@@ -1,0 +1,111 @@
+"""A bank of E linear maps with batched weights, computing only the expert each row is routed to.
+
+One THOR expert is an ordinary transformer FFN, ``fc2(act(fc1(x)))``. fairseq's layers build
+``fc1`` and ``fc2`` through the hooks ``build_fc1`` / ``build_fc2`` and call them one after the
+other, so a THOR layer swaps both for an ``ExpertLinear`` and lets fairseq's own ``forward`` run.
+
+The two banks of one FFN split the work of a grouped route (rows going to different experts):
+the *dispatching* bank (fc1) gathers the rows into expert order and returns them in that order;
+activation, dropout and fairseq's optional FFN LayerNorm act row by row, so the permutation passes
+through them untouched; the *combining* bank (fc2) puts the rows back in place. One gather and one
+scatter per FFN, and each row costs exactly one expert's FLOPs, whatever E is.
+"""
+import math
+from contextlib import contextmanager
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .routing import Route
+
+
+class ExpertLinear(nn.Module):
+    """E linear maps ``in_features -> out_features``: weight ``(E, out, in)``, bias ``(E, out)``.
+
+    ``route`` must be set (see :func:`routed`) while the bank is called. ``dispatches`` is True
+    for the first linear map of an FFN (fc1) and False for the last (fc2).
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, dispatches: bool):
+        super().__init__()
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dispatches = dispatches
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features))
+        self.route: Optional[Route] = None
+        self._merged_cache: Optional[Tuple[tuple, Tensor, Tensor]] = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Each expert is initialised exactly like a fresh nn.Linear (what fairseq's FFN uses).
+        bound = 1.0 / math.sqrt(self.in_features)
+        for e in range(self.num_experts):
+            nn.init.kaiming_uniform_(self.weight[e], a=math.sqrt(5))
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        route = self.route
+        if route is None:
+            raise RuntimeError("ExpertLinear was called outside an expert layer's routing context")
+        if route.kind == "one":
+            return F.linear(x, self.weight[route.expert], self.bias[route.expert])
+        if route.kind == "merged":
+            return F.linear(x, *self._merged_weights())
+        if route.kind == "mean":
+            return self._all_experts(x)
+        if route.kind == "grouped":
+            return self._grouped(x, route)
+        raise ValueError(f"unknown route kind {route.kind!r}")
+
+    def _grouped(self, x: Tensor, route: Route) -> Tensor:
+        rows = x.reshape(-1, self.in_features)  # (T*B) x C_in
+        if self.dispatches:
+            rows = rows.index_select(0, route.order)  # rows now in expert order
+        chunks = rows.split(route.counts)
+        out = torch.cat(
+            [
+                F.linear(chunk, self.weight[e], self.bias[e])
+                for e, chunk in enumerate(chunks)
+                if chunk.size(0) > 0
+            ]
+        )
+        if not self.dispatches:
+            out = out.index_select(0, route.restore)  # back to T x B order
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _all_experts(self, x: Tensor) -> Tensor:
+        # fc1: T x B x C -> E x T x B x F (every expert sees every row); fc2: E x ... -> mean.
+        if self.dispatches:
+            y = torch.einsum("...i,eoi->e...o", x, self.weight)
+            return y + self.bias.view(self.num_experts, *([1] * (x.dim() - 1)), -1)
+        y = torch.einsum("e...i,eoi->e...o", x, self.weight)
+        y = y + self.bias.view(self.num_experts, *([1] * (x.dim() - 2)), -1)
+        return y.mean(dim=0)
+
+    def _merged_weights(self) -> Tuple[Tensor, Tensor]:
+        if self.training or torch.is_grad_enabled():
+            return self.weight.mean(dim=0), self.bias.mean(dim=0)
+        # In decoding the same average is needed at every step: cache it until the weights change.
+        key = (self.weight._version, self.bias._version, self.weight.data_ptr(), self.weight.dtype)
+        if self._merged_cache is None or self._merged_cache[0] != key:
+            self._merged_cache = (key, self.weight.mean(dim=0), self.bias.mean(dim=0))
+        return self._merged_cache[1], self._merged_cache[2]
+
+
+@contextmanager
+def routed(route: Route, *banks: ExpertLinear):
+    """Hand ``route`` to the expert banks of one FFN for the duration of one layer call."""
+    for bank in banks:
+        bank.route = route
+    try:
+        yield
+    finally:
+        for bank in banks:
+            bank.route = None

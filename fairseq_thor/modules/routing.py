@@ -1,0 +1,111 @@
+"""Who goes where: random expert assignment for THOR's stochastic expert layers.
+
+THOR (Zuo et al., ICLR 2022, arXiv 2110.04260) has no gate: every input is sent to an expert drawn
+uniformly at random, in training and at inference. This file turns a routing *mode* into a ``Route``,
+the plan an expert bank follows for one forward pass of one layer:
+
+* ``batch``    one expert for the whole mini-batch (the reference implementation's training mode);
+* ``sentence`` one expert per sentence, shared by all its tokens;
+* ``token``    one expert per token;
+* ``fixed``    always expert ``k`` (inference only: evaluate a single expert);
+* ``mean``     every expert runs and their outputs are averaged (inference only, costs E FFNs);
+* ``merged``   the experts' weights are averaged into one FFN (inference only, costs one FFN).
+
+Draws use torch's CPU generator only, which fairseq seeds and which activation checkpointing
+saves and restores, so recomputation and reruns replay the same experts. Drawing on the CPU also
+means the per-expert row counts are known without a device synchronisation.
+"""
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from fairseq.dataclass import ChoiceEnum
+from torch import Tensor
+
+TRAIN_ROUTING = ["batch", "sentence", "token"]
+INFERENCE_ROUTING = ["sentence", "token", "batch", "fixed", "mean", "merged"]
+TrainRoutingChoice = ChoiceEnum(TRAIN_ROUTING)
+InferenceRoutingChoice = ChoiceEnum(INFERENCE_ROUTING)
+
+# The modes whose draw is made once per sentence and then kept for the whole sequence; in
+# incremental decoding that draw is stored per hypothesis and follows beam reordering.
+PER_SENTENCE_MODES = ("batch", "sentence")
+
+
+@dataclass
+class Route:
+    """How an expert bank computes one flattened ``(N, C)`` input (``N = T * B`` rows).
+
+    kind ``one``: every row uses ``expert``. kind ``grouped``: rows are reordered by ``order`` so
+    each expert's rows are contiguous (``counts[e]`` rows for expert e), and ``restore`` undoes
+    the reordering. kind ``mean`` / ``merged``: see the module docstring.
+    """
+
+    kind: str
+    expert: int = 0
+    order: Optional[Tensor] = None
+    restore: Optional[Tensor] = None
+    counts: Optional[List[int]] = None
+
+
+def draw_sentence_experts(mode: str, num_experts: int, batch_size: int) -> Tensor:
+    """One expert id per sentence (CPU long tensor of shape ``(B,)``) for a per-sentence mode."""
+    if mode == "batch":
+        return torch.randint(num_experts, (1,)).expand(batch_size).contiguous()
+    if mode == "sentence":
+        return torch.randint(num_experts, (batch_size,))
+    raise ValueError(f"mode {mode!r} is not drawn per sentence")
+
+
+def draw_token_experts(num_experts: int, seq_len: int, batch_size: int) -> Tensor:
+    """One expert id per token, shaped like the layer input: ``(T, B)``."""
+    return torch.randint(num_experts, (seq_len, batch_size))
+
+
+def route_from_assignment(assignment: Tensor, num_experts: int, device: torch.device) -> Route:
+    """Build a ``Route`` from expert ids laid out like the flattened ``T x B`` rows."""
+    flat = assignment.reshape(-1).cpu()
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    used = [e for e, c in enumerate(counts) if c > 0]
+    if len(used) == 1:  # a single expert needs no gather/scatter
+        return Route(kind="one", expert=used[0])
+    order = torch.argsort(flat, stable=True)
+    restore = torch.empty_like(order)
+    restore[order] = torch.arange(order.numel())
+    return Route(
+        kind="grouped",
+        order=order.to(device, non_blocking=True),
+        restore=restore.to(device, non_blocking=True),
+        counts=counts,
+    )
+
+
+def make_route(
+    mode: str,
+    num_experts: int,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    fixed_expert: int = 0,
+    sentence_experts: Optional[Tensor] = None,
+) -> Route:
+    """The route for one layer call of shape ``T x B``.
+
+    ``sentence_experts`` (``(B,)``) replays an earlier per-sentence draw, as incremental decoding
+    does at every step after the first; otherwise per-sentence modes draw afresh.
+    """
+    if mode == "fixed":
+        return Route(kind="one", expert=fixed_expert)
+    if mode in ("mean", "merged"):
+        return Route(kind=mode)
+    if mode == "token":
+        return route_from_assignment(
+            draw_token_experts(num_experts, seq_len, batch_size), num_experts, device
+        )
+    if mode in PER_SENTENCE_MODES:
+        if sentence_experts is None:
+            sentence_experts = draw_sentence_experts(mode, num_experts, batch_size)
+        return route_from_assignment(
+            sentence_experts.cpu().expand(seq_len, batch_size), num_experts, device
+        )
+    raise ValueError(f"unknown routing mode {mode!r}; valid: {sorted(set(INFERENCE_ROUTING))}")

@@ -1,0 +1,35 @@
+"""fairseq_thor: THOR (Transformer witH StOchastic ExpeRts, Zuo et al., ICLR 2022) as a fairseq plugin."""
+import sys
+
+from setuptools import find_packages, setup
+
+# fairseq 0.12.2 does not import on Python >= 3.11 (a mutable dataclass default in its config);
+# fairseq-fixed 0.12.3.1 ships the same `fairseq` module with that fixed. Pinned exactly because the
+# plugin subclasses fairseq internals (layer hooks, criterion, checkpoint utils) that move between
+# releases.
+FAIRSEQ = "fairseq-fixed==0.12.3.1" if sys.version_info >= (3, 11) else "fairseq==0.12.2"
+
+setup(
+    name="fairseq_thor",
+    version="0.1.0",
+    description="THOR stochastic experts for fairseq: expert layers, consistency criterion, tasks",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fairseq_thor", "fairseq_thor.*"]),
+    python_requires=">=3.8",
+    install_requires=[
+        # A range, not a pin: any torch fairseq 0.12 runs on works. Installing torch==2.13.0 first
+        # (the Makefile does) keeps pip from pulling a CUDA build on a CPU machine.
+        "torch>=1.13",
+        FAIRSEQ,
+        "fairscale>=0.4.13",  # MOELayer with all-to-all, used for expert parallelism
+        "sacrebleu>=2.0",
+        "sentencepiece>=0.1.99",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "fairseq-thor-user-dir=fairseq_thor.path:main",
+        ]
+    },
+)
