@@ -62,15 +62,19 @@ def add_inference_args(group, default=None):
 
 def set_expert_defaults(args):
     """Fill THOR defaults the fairseq way: keep what the user (or the checkpoint) set."""
-    args.num_experts = getattr(args, "num_experts", None) or DEFAULT_NUM_EXPERTS
-    args.encoder_expert_layers = getattr(args, "encoder_expert_layers", None) or DEFAULT_EXPERT_LAYERS
-    args.decoder_expert_layers = getattr(args, "decoder_expert_layers", None) or DEFAULT_EXPERT_LAYERS
-    args.encoder_expert_ffn_dim = getattr(args, "encoder_expert_ffn_dim", None)
-    args.decoder_expert_ffn_dim = getattr(args, "decoder_expert_ffn_dim", None)
-    args.expert_routing = getattr(args, "expert_routing", None) or DEFAULT_TRAIN_ROUTING
-    args.inference_routing = getattr(args, "inference_routing", None) or DEFAULT_INFERENCE_ROUTING
-    if getattr(args, "inference_expert", None) is None:
-        args.inference_expert = 0
+    defaults = {
+        "num_experts": DEFAULT_NUM_EXPERTS,
+        "encoder_expert_layers": DEFAULT_EXPERT_LAYERS,
+        "decoder_expert_layers": DEFAULT_EXPERT_LAYERS,
+        "encoder_expert_ffn_dim": None,
+        "decoder_expert_ffn_dim": None,
+        "expert_routing": DEFAULT_TRAIN_ROUTING,
+        "inference_routing": DEFAULT_INFERENCE_ROUTING,
+        "inference_expert": 0,
+    }
+    for name, default in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
 
 
 def parse_expert_layers(spec: str, num_layers: int, option: str) -> FrozenSet[int]:
