@@ -43,3 +43,20 @@ def test_computed_in_fp32_from_half_inputs():
     q = torch.randn(4, 50).log_softmax(-1)
     got = symmetric_kl(p.to(torch.bfloat16), q.to(torch.bfloat16), reduce=False)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
+
+
+def test_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    p = torch.randn(5, 7, dtype=torch.double).log_softmax(-1).requires_grad_()
+    q = torch.randn(5, 7, dtype=torch.double).log_softmax(-1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: symmetric_kl(a, b, reduce=False), (p, q))
+
+
+def test_equals_two_kl_div_calls():
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    p, q = torch.randn(6, 11).log_softmax(-1), torch.randn(6, 11).log_softmax(-1)
+    expected = 0.5 * (F.kl_div(q, p, log_target=True, reduction="sum")
+                      + F.kl_div(p, q, log_target=True, reduction="sum"))
+    torch.testing.assert_close(symmetric_kl(p, q), expected)

@@ -1,0 +1,178 @@
+"""Training and decoding speed of THOR against a dense transformer of the same active size.
+
+Measured side by side in one process on the same synthetic batches (speed does not depend on
+what the tokens mean), alternating the models so that machine noise hits them alike:
+
+* training words/s: THOR (E experts, two stochastic passes + consistency) over dense (one pass of
+  label-smoothed CE); two passes make 0.5 the ceiling;
+* decoding tokens/s: beam search with THOR at E = 1, 4, 16 (sentence routing, only the chosen
+  expert computed) over dense; the aim is >= 0.9 at every E.
+
+    python benchmarks/speed.py                      # defaults: d=256, 3+3 layers, CPU
+    python benchmarks/speed.py --embed-dim 512 --layers 6 --device cuda
+
+Prints a table and writes benchmarks/results/speed.json.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from fairseq import options
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+from fairseq.data import Dictionary
+from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq.sequence_generator import SequenceGenerator
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fairseq_thor  # noqa: E402
+from fairseq_thor.criterions.thor_consistency import ThorConsistencyCriterion  # noqa: E402
+
+
+class DictTask:
+    def __init__(self, d):
+        self.source_dictionary = self.target_dictionary = d
+
+
+def build(arch, args, dictionary, extra=()):
+    size = ["--encoder-layers", str(args.layers), "--decoder-layers", str(args.layers),
+            "--encoder-embed-dim", str(args.embed_dim), "--decoder-embed-dim", str(args.embed_dim),
+            "--encoder-ffn-embed-dim", str(4 * args.embed_dim),
+            "--decoder-ffn-embed-dim", str(4 * args.embed_dim),
+            "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+            "--share-all-embeddings", "--dropout", "0.1"]
+    ns = options.parse_args_and_arch(options.get_training_parser(),
+                                     ["x", "--arch", arch, "--user-dir", fairseq_thor.__path__[0],
+                                      *size, *extra])
+    return ARCH_MODEL_REGISTRY[arch].build_model(ns, DictTask(dictionary)).to(args.device)
+
+
+def batch(dictionary, args, seed):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = dictionary.nspecial, len(dictionary)
+    src = torch.randint(lo, hi, (args.batch_size, args.length), generator=g)
+    tgt = torch.randint(lo, hi, (args.batch_size, args.length), generator=g)
+    src[:, -1] = tgt[:, -1] = dictionary.eos()
+    prev = torch.cat([tgt[:, -1:], tgt[:, :-1]], dim=1)
+    return {"net_input": {"src_tokens": src.to(args.device),
+                          "src_lengths": torch.full((args.batch_size,), args.length, device=args.device),
+                          "prev_output_tokens": prev.to(args.device)},
+            "target": tgt.to(args.device), "ntokens": tgt.numel()}
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_training(model, criterion, sample, args):
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        optimizer.zero_grad()
+        loss, _, _ = criterion(model, sample)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(args.train_steps):
+        step()
+    sync(args.device)
+    return sample["ntokens"] * args.train_steps / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def time_decoding(model, dictionary, sample, args):
+    model.eval()
+    # min_len = max_len: every model emits exactly args.decode_length tokens per hypothesis
+    gen = SequenceGenerator([model], dictionary, beam_size=args.beam, max_len_a=0,
+                            max_len_b=args.decode_length, min_len=args.decode_length)
+    net_input = {k: v for k, v in sample["net_input"].items() if k != "prev_output_tokens"}
+    gen.generate([model], {"net_input": net_input})  # warm-up
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(args.decode_repeats):
+        gen.generate([model], {"net_input": net_input})
+    sync(args.device)
+    tokens = args.batch_size * args.decode_length * args.decode_repeats
+    return tokens / (time.perf_counter() - start)
+
+
+def interleaved(measure, names, rounds):
+    """Median of `rounds` measurements per name, taken round-robin."""
+    results = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            results[n].append(measure(n))
+    return {n: statistics.median(v) for n, v in results.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+    p.add_argument("--length", type=int, default=20, help="tokens per sentence")
+    p.add_argument("--train-experts", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--decode-experts", default="1,4,16")
+    p.add_argument("--decode-length", type=int, default=20)
+    p.add_argument("--decode-repeats", type=int, default=2)
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    dictionary = Dictionary()
+    for i in range(args.vocab - dictionary.nspecial):
+        dictionary.add_symbol(f"w{i}")
+    sample = batch(dictionary, args, seed=0)
+    print(f"device={args.device} d={args.embed_dim} layers={args.layers}+{args.layers} "
+          f"vocab={len(dictionary)} batch={args.batch_size}x{args.length} tokens", flush=True)
+
+    # --- training ---
+    task = DictTask(dictionary)
+    dense = build("transformer", args, dictionary)
+    thor = build("thor_transformer", args, dictionary, ["--num-experts", str(args.train_experts)])
+    setups = {
+        "dense": (dense, LabelSmoothedCrossEntropyCriterion(task, False, 0.1)),
+        f"thor E={args.train_experts}": (thor, ThorConsistencyCriterion(task, False, 0.1, 1.0)),
+    }
+    train = interleaved(lambda n: time_training(*setups[n], sample, args), list(setups), args.rounds)
+    train_ratio = train[f"thor E={args.train_experts}"] / train["dense"]
+
+    # --- decoding ---
+    models = {"dense": dense}
+    for e in (int(x) for x in args.decode_experts.split(",")):
+        models[f"thor E={e}"] = build("thor_transformer", args, dictionary, ["--num-experts", str(e)])
+    decode = interleaved(lambda n: time_decoding(models[n], dictionary, sample, args), list(models),
+                         args.rounds)
+
+    print(f"\n{'training':<14}{'words/s':>10}{'ratio':>8}")
+    for name, wps in train.items():
+        print(f"{name:<14}{wps:>10.0f}{wps / train['dense']:>8.2f}")
+    print(f"\n{'decoding':<14}{'tokens/s':>10}{'ratio':>8}   (beam {args.beam}, sentence routing)")
+    for name, tps in decode.items():
+        print(f"{name:<14}{tps:>10.0f}{tps / decode['dense']:>8.2f}")
+    decode_ratios = {n: v / decode["dense"] for n, v in decode.items() if n != "dense"}
+    print(f"\ntraining ratio {train_ratio:.2f} (aim >= 0.45); "
+          f"lowest decoding ratio {min(decode_ratios.values()):.2f} (aim >= 0.90)")
+
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"config": vars(args), "train_words_per_s": train, "train_ratio": train_ratio,
+                   "decode_tokens_per_s": decode, "decode_ratios": decode_ratios}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""thor_consistency: two stochastic passes, CE on both + alpha x symmetric KL; one pass in eval."""
+import argparse
+
+import pytest
+import torch
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+from conftest import DictTask, build_model, random_batch
+from fairseq_thor.criterions.thor_consistency import ThorConsistencyCriterion
+from fairseq_thor.modules.consistency import symmetric_kl
+
+
+def make_sample(dictionary):
+    src, lengths, prev = random_batch(dictionary, batch_size=3, tgt_len=4)
+    target = torch.cat([prev[:, 1:], torch.full((3, 1), dictionary.eos())], dim=1)
+    target[0, -2:] = dictionary.pad()  # padding that must not count
+    ntokens = int(target.ne(dictionary.pad()).sum())
+    return {"net_input": {"src_tokens": src, "src_lengths": lengths, "prev_output_tokens": prev},
+            "target": target, "ntokens": ntokens}
+
+
+def criterion(dictionary, alpha, smoothing=0.1):
+    return ThorConsistencyCriterion(DictTask(dictionary), sentence_avg=False,
+                                    label_smoothing=smoothing, consistency_alpha=alpha)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 2.5])
+def test_training_loss_is_two_cross_entropies_plus_alpha_kl(dictionary, alpha):
+    torch.manual_seed(0)
+    model = build_model("thor_transformer", ["--num-experts", "4", "--expert-routing", "token"],
+                        dictionary=dictionary).train()
+    sample = make_sample(dictionary)
+    crit = criterion(dictionary, alpha)
+    torch.manual_seed(3)
+    loss, sample_size, log = crit(model, sample)
+
+    torch.manual_seed(3)  # replay the same two passes by hand
+    pad = dictionary.pad()
+    lps = [model.get_normalized_probs(model(**sample["net_input"]), log_probs=True).view(-1, len(dictionary))
+           for _ in range(2)]
+    target = sample["target"].view(-1)
+    ces = [label_smoothed_nll_loss(lp, target, 0.1, ignore_index=pad)[0] for lp in lps]
+    kl = symmetric_kl(lps[0], lps[1], target.eq(pad))
+    assert kl.item() > 0, "token routing must make the two passes differ"
+    torch.testing.assert_close(loss, ces[0] + ces[1] + alpha * kl)
+    torch.testing.assert_close(log["consistency"], kl.data)
+    assert sample_size == sample["ntokens"]
+
+
+def test_gradient_flows_through_the_consistency_term(dictionary):
+    torch.manual_seed(0)
+    model = build_model("thor_transformer", ["--num-experts", "2", "--expert-routing", "token"],
+                        dictionary=dictionary).train()
+    sample = make_sample(dictionary)
+    torch.manual_seed(1)
+    criterion(dictionary, 0.0)(model, sample)[0].backward()
+    without = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.manual_seed(1)
+    criterion(dictionary, 10.0)(model, sample)[0].backward()
+    assert any(not torch.allclose(a, p.grad) for a, p in zip(without, model.parameters()))
+
+
+def test_validation_is_a_single_pass_of_label_smoothed_ce(dictionary):
+    torch.manual_seed(0)
+    model = build_model("thor_transformer", ["--inference-routing", "fixed"], dictionary=dictionary).eval()
+    sample = make_sample(dictionary)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    loss, _, log = criterion(dictionary, 5.0)(model, sample)
+    assert len(calls) == 1 and "consistency" not in log
+    lp = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True).view(-1, len(dictionary))
+    expected = label_smoothed_nll_loss(lp, sample["target"].view(-1), 0.1, ignore_index=dictionary.pad())[0]
+    torch.testing.assert_close(loss, expected)
+
+
+def test_negative_alpha_is_refused(dictionary):
+    with pytest.raises(ValueError, match="--consistency-alpha must be >= 0"):
+        criterion(dictionary, -1.0)
+
+
+def test_works_with_a_dense_model_and_logs_consistency(dictionary):
+    model = build_model("transformer", dictionary=dictionary).train()
+    loss, _, log = criterion(dictionary, 1.0)(model, make_sample(dictionary))
+    assert torch.isfinite(loss) and "consistency" in log
