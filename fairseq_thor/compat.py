@@ -1,15 +1,30 @@
 """Version quirks of the dependency stack, in one place.
 
-torch >= 2.6 loads checkpoints with ``weights_only=True``. fairseq stores the training
-``argparse.Namespace`` (legacy models such as the transformer keep their config in one) inside
-every checkpoint, so stock ``fairseq-generate`` fails on it. We keep torch's safe loader and
-allow-list exactly the classes fairseq checkpoints contain.
+torch >= 2.6 loads checkpoints with ``weights_only=True``. We keep that safe loader and allow-list
+exactly the classes fairseq checkpoints contain:
+
+* ``argparse.Namespace``: legacy (argparse-based) models such as the transformer keep their whole
+  config in one, so stock ``fairseq-generate`` fails on every such checkpoint without it;
+* numpy arrays and scalars: fairseq's ``--eval-bleu`` logs its n-gram counts as numpy arrays, and
+  the metric meters holding them are saved in the checkpoint's ``extra_state``.
 """
 import argparse
 
+import numpy as np
 import torch
 
-SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
+try:  # numpy >= 2 moved its internals to numpy._core
+    from numpy._core.multiarray import _reconstruct, scalar
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct, scalar
+
+
+def _numpy_globals():
+    dtype_classes = [type(np.dtype(t)) for t in (np.int64, np.int32, np.float64, np.float32)]
+    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtype_classes]
+
+
+SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace, *_numpy_globals()]
 
 
 def allow_fairseq_checkpoint_globals():

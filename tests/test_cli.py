@@ -52,7 +52,9 @@ def trained(tmp_path_factory):
                   "--criterion", "thor_consistency", "--consistency-alpha", "1.0",
                   "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "0.003",
                   "--max-tokens", "1000", "--save-dir", ckpt, "--log-format", "simple",
-                  "--log-interval", "1", "--no-epoch-checkpoints", "--seed", "3"]
+                  "--log-interval", "1", "--no-epoch-checkpoints", "--seed", "3",
+                  # fairseq's BLEU validation stores numpy arrays in the checkpoint's meters
+                  "--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_b": 12}']
     _, first = run("fairseq-train", *train_args, "--max-update", "6")
     _, resumed = run("fairseq-train", *train_args, "--max-update", "10")
     return {"data": data, "ckpt": ckpt / "checkpoint_last.pt", "first": first, "resumed": resumed}
@@ -68,8 +70,9 @@ def generate(trained, *extra, check=True):
                "--beam", "3", "--max-tokens", "1000", "--seed", "7", *extra, check=check)
 
 
-def test_training_logs_the_consistency_term(trained):
+def test_training_logs_the_consistency_term_and_validation_bleu(trained):
     assert re.search(r"consistency=\d", trained["first"])
+    assert re.search(r"valid on 'valid' subset .*\| bleu [\d.]+", trained["first"])
     assert "num_updates=6" in trained["first"]
 
 

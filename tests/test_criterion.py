@@ -83,3 +83,15 @@ def test_works_with_a_dense_model_and_logs_consistency(dictionary):
     model = build_model("transformer", dictionary=dictionary).train()
     loss, _, log = criterion(dictionary, 1.0)(model, make_sample(dictionary))
     assert torch.isfinite(loss) and "consistency" in log
+
+
+def test_bf16_model_gets_fp32_consistency_without_overflow(dictionary):
+    # what --bf16/--fp16 training relies on: log-probs come back in fp32 and the KL stays finite
+    torch.manual_seed(0)
+    model = build_model("thor_transformer", ["--num-experts", "4", "--expert-routing", "token"],
+                        dictionary=dictionary).to(torch.bfloat16).train()
+    loss, _, log = criterion(dictionary, 5.0)(model, make_sample(dictionary))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert log["consistency"].dtype == torch.float32 and log["consistency"] > 0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

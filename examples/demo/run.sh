@@ -8,11 +8,12 @@ cd "$(dirname "$0")/../.."
 
 WORK=${WORK:-work/demo}                  # everything the demo writes goes here
 SRC=${SRC:-de}; TGT=${TGT:-en}
-VOCAB=${VOCAB:-8000}                     # joint sentencepiece vocabulary
+VOCAB=${VOCAB:-4000}                     # joint sentencepiece vocabulary
 TRAIN_MINUTES=${TRAIN_MINUTES:-10}       # wall-clock bound on training (fairseq --stop-time-hours)
 MAX_UPDATE=${MAX_UPDATE:-3000}           # update bound (whichever comes first)
 NUM_EXPERTS=${NUM_EXPERTS:-2}
 ALPHA=${ALPHA:-1.0}                      # --consistency-alpha
+CRITERION=${CRITERION:-thor_consistency} # label_smoothed_cross_entropy trains a one-pass baseline
 ROUTING=${ROUTING:-sentence}             # --expert-routing (training)
 INFERENCE=${INFERENCE:-sentence}         # --inference-routing (decoding)
 EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}
@@ -46,15 +47,15 @@ step "4/5 training THOR (E=$NUM_EXPERTS, alpha=$ALPHA, $ROUTING routing) for at 
 fairseq-train "$BIN" --user-dir fairseq_thor $DEVICE_ARGS \
   --task translation_thor --arch thor_transformer --share-all-embeddings \
   --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 \
-  --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024 \
+  --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 \
   --encoder-attention-heads 4 --decoder-attention-heads 4 \
   --num-experts "$NUM_EXPERTS" --expert-routing "$ROUTING" --inference-routing "$INFERENCE" \
-  --criterion thor_consistency --consistency-alpha "$ALPHA" --label-smoothing 0.1 \
-  --dropout 0.2 --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
-  --lr 2e-3 --lr-scheduler inverse_sqrt --warmup-updates 300 \
-  --max-tokens 4096 --max-update "$MAX_UPDATE" --stop-time-hours "$(python -c "print($TRAIN_MINUTES / 60)")" \
+  --criterion "$CRITERION" --consistency-alpha "$ALPHA" --label-smoothing 0.1 \
+  --dropout 0.1 --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.0 \
+  --lr 3e-3 --lr-scheduler inverse_sqrt --warmup-updates 100 \
+  --max-tokens 2048 --max-update "$MAX_UPDATE" --stop-time-hours "$(python -c "print($TRAIN_MINUTES / 60)")" \
   --save-dir "$CKPT" --no-epoch-checkpoints --keep-last-epochs 1 \
-  --log-format simple --log-interval 25 --seed 1 $EXTRA_TRAIN_ARGS \
+  --log-format simple --log-interval 20 --seed 1 $EXTRA_TRAIN_ARGS \
   2>&1 | grep --line-buffered -E "train_inner|valid on|\| train \||done training|Error|error" \
        | sed -u 's/^.*| INFO | //'
 
@@ -62,7 +63,7 @@ step "5/5 decoding the test split with fairseq-generate (beam 5, $INFERENCE rout
 mkdir -p "$OUT"
 fairseq-generate "$BIN" --user-dir fairseq_thor $DEVICE_ARGS --task translation_thor \
   --path "$CKPT/checkpoint_last.pt" --gen-subset test --beam 5 --max-tokens 8000 \
-  --remove-bpe sentencepiece --inference-routing "$INFERENCE" --seed 1 > "$OUT/test.log" 2>&1 \
+  --max-len-a 1.5 --max-len-b 10 --remove-bpe sentencepiece --inference-routing "$INFERENCE" --seed 1 > "$OUT/test.log" 2>&1 \
   || { tail -20 "$OUT/test.log"; exit 1; }
 grep '^H-' "$OUT/test.log" | sed 's/^H-//' | sort -n | cut -f3 > "$OUT/hyp.txt"
 grep '^T-' "$OUT/test.log" | sed 's/^T-//' | sort -n | cut -f2 > "$OUT/ref.txt"

@@ -69,9 +69,12 @@ class ExpertLinear(nn.Module):
         if self.dispatches:
             rows = rows.index_select(0, route.order)  # rows now in expert order
         chunks = rows.split(route.counts)
+        # unbind once: its backward stacks the E gradients into one tensor, where indexing
+        # weight[e] per expert would allocate a full (E, out, in) zero gradient per expert
+        weights, biases = self.weight.unbind(0), self.bias.unbind(0)
         out = torch.cat(
             [
-                F.linear(chunk, self.weight[e], self.bias[e])
+                F.linear(chunk, weights[e], biases[e])
                 for e, chunk in enumerate(chunks)
                 if chunk.size(0) > 0
             ]
