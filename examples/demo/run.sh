@@ -51,7 +51,7 @@ fairseq-train "$BIN" --user-dir fairseq_thor $DEVICE_ARGS \
   --encoder-attention-heads 4 --decoder-attention-heads 4 \
   --num-experts "$NUM_EXPERTS" --expert-routing "$ROUTING" --inference-routing "$INFERENCE" \
   --criterion "$CRITERION" --consistency-alpha "$ALPHA" --label-smoothing 0.1 \
-  --dropout 0.1 --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.0 \
+  --dropout 0.1 --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
   --lr 3e-3 --lr-scheduler inverse_sqrt --warmup-updates 100 \
   --max-tokens 2048 --max-update "$MAX_UPDATE" --stop-time-hours "$(python -c "print($TRAIN_MINUTES / 60)")" \
   --save-dir "$CKPT" --no-epoch-checkpoints --keep-last-epochs 1 \
@@ -71,7 +71,8 @@ grep '^S-' "$OUT/test.log" | sed 's/^S-//' | sort -n | cut -f2 > "$OUT/src.txt"
 echo "    decoded $(wc -l < "$OUT/hyp.txt") of $(wc -l < "$RAW/test.$SRC") test sentences"
 
 printf '\n==> sacreBLEU (detokenized, %s->%s test split)\n' "$SRC" "$TGT"
-sacrebleu "$OUT/ref.txt" -i "$OUT/hyp.txt" -m bleu chrf -b -w 2 | paste -sd' ' | sed 's/^/    BLEU, chrF: /'
+echo "    BLEU  = $(sacrebleu "$OUT/ref.txt" -i "$OUT/hyp.txt" -m bleu -b -w 2)"
+echo "    chrF2 = $(sacrebleu "$OUT/ref.txt" -i "$OUT/hyp.txt" -m chrf -b -w 2)"
 
 printf '\n==> five sample translations\n'
 paste "$OUT/src.txt" "$OUT/ref.txt" "$OUT/hyp.txt" | awk -F'\t' 'NR % 97 == 1 && n < 5 {n++;
