@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean-venv bench
+.PHONY: venv demo test clean-venv bench multilingual
 
 venv: $(STAMP)
 
@@ -31,3 +31,8 @@ bench: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Many-to-many THOR vs dense on ~10 languages from gettext catalogs (~45 min on 2 cores; see
+# examples/multilingual/README.md for its knobs).
+multilingual: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/multilingual/run.sh

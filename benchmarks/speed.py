@@ -122,6 +122,8 @@ def main():
     p.add_argument("--length", type=int, default=20, help="tokens per sentence")
     p.add_argument("--train-experts", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--train-routing", default="sentence", choices=["batch", "sentence", "token"])
+    p.add_argument("--inference-routing", default="sentence", choices=["sentence", "token", "batch"])
     p.add_argument("--decode-experts", default="1,4,16")
     p.add_argument("--decode-length", type=int, default=20)
     p.add_argument("--decode-repeats", type=int, default=2)
@@ -142,7 +144,8 @@ def main():
     # --- training ---
     task = DictTask(dictionary)
     dense = build("transformer", args, dictionary)
-    thor = build("thor_transformer", args, dictionary, ["--num-experts", str(args.train_experts)])
+    thor = build("thor_transformer", args, dictionary, ["--num-experts", str(args.train_experts),
+                                                        "--expert-routing", args.train_routing])
     setups = {
         "dense": (dense, LabelSmoothedCrossEntropyCriterion(task, False, 0.1)),
         f"thor E={args.train_experts}": (thor, ThorConsistencyCriterion(task, False, 0.1, 1.0)),
@@ -153,14 +156,15 @@ def main():
     # --- decoding ---
     models = {"dense": dense}
     for e in (int(x) for x in args.decode_experts.split(",")):
-        models[f"thor E={e}"] = build("thor_transformer", args, dictionary, ["--num-experts", str(e)])
+        models[f"thor E={e}"] = build("thor_transformer", args, dictionary,
+                                      ["--num-experts", str(e), "--inference-routing", args.inference_routing])
     decode = interleaved(lambda n: time_decoding(models[n], dictionary, sample, args), list(models),
                          args.rounds)
 
-    print(f"\n{'training':<14}{'words/s':>10}{'ratio':>8}")
+    print(f"\n{'training':<14}{'words/s':>10}{'ratio':>8}   ({args.train_routing} routing)")
     for name, wps in train.items():
         print(f"{name:<14}{wps:>10.0f}{wps / train['dense']:>8.2f}")
-    print(f"\n{'decoding':<14}{'tokens/s':>10}{'ratio':>8}   (beam {args.beam}, sentence routing)")
+    print(f"\n{'decoding':<14}{'tokens/s':>10}{'ratio':>8}   (beam {args.beam}, {args.inference_routing} routing)")
     for name, tps in decode.items():
         print(f"{name:<14}{tps:>10.0f}{tps / decode['dense']:>8.2f}")
     decode_ratios = {n: v / decode["dense"] for n, v in decode.items() if n != "dense"}

@@ -189,6 +189,12 @@ def test_generate_decodes_every_test_sentence_of_a_direction(trained, src, tgt):
     assert all(s.startswith(f"__{src}__ ") for s in sources)
 
 
+@pytest.mark.parametrize("routing", ["sentence", "batch", "fixed", "mean", "merged"])
+def test_every_inference_mode_decodes_a_direction(trained, routing):
+    _, out = generate(trained, "xx", "yy", "--inference-routing", routing)  # token: test above
+    assert [i for i, _ in hypotheses(out)] == list(range(NUM_EVAL))
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--num-experts", "3"], "--num-experts 3 does not match the model, which has 2 experts"),
     (["--inference-level", "0", "--inference-routing", "sentence"], "--inference-level 0 means 'token'"),

@@ -13,6 +13,8 @@ import re
 import sys
 from typing import Dict, List
 
+import sacrebleu
+
 from prepare import bitext_of
 
 # languages written without spaces between words: sacreBLEU's default 13a tokenizer would score
@@ -28,15 +30,14 @@ def hypotheses(log_path: str) -> List[str]:
 
 
 def score(raw: str, generate: str, models: List[str]) -> dict:
-    import sacrebleu
-
     with open(os.path.join(raw, "corpus.json")) as f:
         manifest = json.load(f)
     table: Dict[str, Dict[str, float]] = {}
     sentences: Dict[str, int] = {}
     for direction in manifest["directions"]:
         tgt = direction.split("-")[1]
-        with open(os.path.join(raw, f"test.{bitext_of(direction, manifest['bitexts'])}.{tgt}"), encoding="utf-8") as f:
+        reference = os.path.join(raw, f"test.{bitext_of(direction, manifest['bitexts'])}.{tgt}")
+        with open(reference, encoding="utf-8") as f:
             refs = [line.rstrip("\n") for line in f]
         sentences[direction] = len(refs)
         table[direction] = {}

@@ -93,8 +93,8 @@ def build_corpus(pairs: Dict[str, Dict[str, str]], out_dir: str, pivot_spec="2",
         raise ValueError(f"en directions must be both, to-en or from-en; got '{en_directions}'")
     langs = list(pairs)
     pivot_pairs = choose_pivot_pairs(pairs, pivot_spec)
-    bitexts = {f"{lang}-en": pairs[lang] for lang in langs}
-    bitexts = {name: {en: (other, en) for en, other in rows.items()} for name, rows in bitexts.items()}
+    # bitext name -> {English message: (side a, side b)}
+    bitexts = {f"{lang}-en": {en: (other, en) for en, other in pairs[lang].items()} for lang in langs}
     for a, b in pivot_pairs:
         bitexts[f"{a}-{b}"] = pivot(pairs[a], pairs[b])
 
@@ -106,11 +106,11 @@ def build_corpus(pairs: Dict[str, Dict[str, str]], out_dir: str, pivot_spec="2",
         if not splits["train"] or not splits["test"]:
             raise ValueError(f"{name}: {len(rows)} pairs leave an empty train or test split; "
                              f"choose another pair or larger caps")
-        for split, split_rows_ in splits.items():
+        for split, lines in splits.items():
             for side, lang in ((1, a), (2, b)):
                 with open(os.path.join(out_dir, f"{split}.{name}.{lang}"), "w", encoding="utf-8") as f:
-                    f.writelines(row[side] + "\n" for row in split_rows_)
-        sizes[name] = {split: len(rows_) for split, rows_ in splits.items()}
+                    f.writelines(row[side] + "\n" for row in lines)
+        sizes[name] = {split: len(lines) for split, lines in splits.items()}
     manifest = {"langs": ["en", *langs], "bitexts": sizes,
                 "directions": directions(langs, pivot_pairs, en_directions)}
     with open(os.path.join(out_dir, "corpus.json"), "w") as f:

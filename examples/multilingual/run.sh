@@ -3,7 +3,7 @@
 # corpus (X<->en, and X<->Y through English) -> one joint sentencepiece model -> one data-bin with a
 # joined dictionary -> fairseq-train THOR (and a dense transformer of the same active size) ->
 # fairseq-generate on every direction's test split -> a sacreBLEU table (directions x models).
-# Every knob is an environment variable; defaults (about 50 minutes on 2 CPU cores, see README.md):
+# Every knob is an environment variable; the defaults take about 45 minutes on 2 CPU cores (README.md):
 set -euo pipefail
 export PYTHONUNBUFFERED=1  # show fairseq's progress as it happens, not when a pipe buffer fills
 cd "$(dirname "$0")/../.."
@@ -17,7 +17,7 @@ MAX_VALID_PAIRS=${MAX_VALID_PAIRS:-100}  # cap per bitext; validation loss runs 
 MAX_TEST_PAIRS=${MAX_TEST_PAIRS:-200}    # cap per bitext; decoding time grows with it
 VOCAB=${VOCAB:-8000}                     # joint sentencepiece vocabulary, all languages
 MODELS=${MODELS:-thor dense}             # thor and/or dense (same sizes, --num-experts 1, plain label-smoothed CE)
-TRAIN_MINUTES=${TRAIN_MINUTES:-18}       # wall-clock bound per model (fairseq --stop-time-hours)
+TRAIN_MINUTES=${TRAIN_MINUTES:-15}       # wall-clock bound per model (fairseq --stop-time-hours)
 MAX_UPDATE=${MAX_UPDATE:-20000}          # update bound per model (whichever comes first)
 LAYERS=${LAYERS:-3}                      # encoder and decoder layers each
 EMBED_DIM=${EMBED_DIM:-256}
@@ -36,9 +36,9 @@ EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}
 DEVICE_ARGS=$(python -c "import torch; print('' if torch.cuda.is_available() else '--cpu')")
 
 step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
-# a step's outputs are reused only when made with the same settings (stamp file in its folder)
 # our helpers' errors start with "error:"; anything else (a traceback) is shown in full
 fail() { grep '^error:' "$1" >&2 || tail -20 "$1" >&2; exit 1; }
+# a step's outputs are reused only when made with the same settings (stamp file in its folder)
 fresh() { [ -s "$1/.settings" ] && [ "$(cat "$1/.settings")" = "$2" ]; }
 model_args() {
   case $1 in
@@ -102,7 +102,7 @@ else
 fi
 
 # Flags shared by training and decoding: decoding must see the same --lang-pairs and --langs so that
-# language tokens get the same ids (fairseq also checks the data-bin for every pair it lists).
+# language tokens get the same ids (and the task checks that the data-bin holds every pair listed).
 TASK_ARGS=(--user-dir fairseq_thor --task translation_multi_simple_epoch_thor
            --lang-pairs "$LANG_PAIRS" --langs "$LANG_LIST" --encoder-langtok src --decoder-langtok)
 
@@ -114,6 +114,7 @@ for model in $MODELS; do
     what="the dense transformer (--num-experts 1, label-smoothed cross-entropy)"
   fi
   step "4/6 training $what for at most $TRAIN_MINUTES min / $MAX_UPDATE updates"
+  # optimisation settings of examples/demo (measured there at a budget of minutes on 2 cores)
   # shellcheck disable=SC2046  # model_args is a list of flags
   fairseq-train "$BIN" "${TASK_ARGS[@]}" $DEVICE_ARGS $(model_args "$model") \
     --sampling-method temperature --sampling-temperature "$SAMPLING_TEMPERATURE" \
@@ -121,7 +122,7 @@ for model in $MODELS; do
     --encoder-layers "$LAYERS" --decoder-layers "$LAYERS" --encoder-embed-dim "$EMBED_DIM" \
     --decoder-embed-dim "$EMBED_DIM" --encoder-ffn-embed-dim "$FFN_DIM" --decoder-ffn-embed-dim "$FFN_DIM" \
     --encoder-attention-heads "$HEADS" --decoder-attention-heads "$HEADS" \
-    --label-smoothing 0.1 --dropout 0.1 --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.0 \
+    --label-smoothing 0.1 --dropout 0.1 --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
     --lr 3e-3 --lr-scheduler inverse_sqrt --warmup-updates 100 \
     --max-tokens "$MAX_TOKENS" --max-update "$MAX_UPDATE" \
     --stop-time-hours "$(python -c "print($TRAIN_MINUTES / 60)")" \
@@ -145,6 +146,7 @@ decode() {  # MODEL DIRECTION
     --remove-bpe sentencepiece --seed 1 > "$log" 2>&1 || { echo "error: decoding $2 with $1 failed:"; tail -20 "$log"; return 1; }
   printf '    %-6s %-6s %4d sentences decoded (%d s)\n' "$1" "$2" "$(grep -c '^H-' "$log")" $((SECONDS - t0))
 }
+rm -rf "$OUT"  # no hypotheses left from an earlier run
 running=()
 for model in $MODELS; do
   mkdir -p "$OUT/$model"
