@@ -1,5 +1,4 @@
 """thor_consistency: two stochastic passes, CE on both + alpha x symmetric KL; one pass in eval."""
-import argparse
 
 import pytest
 import torch

@@ -3,7 +3,7 @@ fairseq's hyper-parameters plus the THOR expert defaults (see ``expert_options``
 from fairseq.models import register_model_architecture
 from fairseq.models.transformer import transformer_legacy as dense
 
-from . import thor_transformer  # noqa: F401  (the model must be registered before its architectures)
+from .thor_transformer import ThorTransformerModel  # noqa: F401  (registered before its architectures)
 from .expert_options import set_expert_defaults
 
 

@@ -7,7 +7,6 @@ layer is numerically a vanilla fairseq layer holding expert k's FFN weights.
 """
 from typing import Dict, Optional
 
-import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
