@@ -4,19 +4,34 @@ Nothing of fairseq's ``forward`` is rewritten. ``build_fc1`` / ``build_fc2`` ret
 and ``forward`` draws the route for this call, hands it to the banks and calls ``super().forward``,
 so residuals, normalisation, dropout and return types stay fairseq's. With expert k routed, a
 layer is numerically a vanilla fairseq layer holding expert k's FFN weights.
+
+With ``--expert-parallel`` the FFN slot holds an ``ExpertParallelFFN`` instead (this process's
+share of the experts behind fairscale's MOELayer) and the route is a balanced random draw.
 """
 from typing import Dict, Optional
 
+import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..distributed.expert_parallel_ffn import ExpertParallelFFN
 from ..modules.experts import ExpertLinear, routed
-from ..modules.routing import PER_SENTENCE_MODES, Route, draw_sentence_experts, make_route
+from ..modules.routing import (
+    PER_SENTENCE_MODES,
+    Route,
+    draw_balanced_experts,
+    draw_sentence_experts,
+    make_route,
+)
 from .expert_options import ExpertSpec
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 class ExpertFFNMixin:
@@ -28,12 +43,39 @@ class ExpertFFNMixin:
     def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
         if q_noise > 0:
             raise ValueError("--quant-noise-pq is not supported on THOR expert layers")
-        return ExpertLinear(self.spec.num_experts, input_dim, self.spec.ffn_dim or output_dim,
-                            dispatches=True)
+        ffn_dim = self.spec.ffn_dim or output_dim
+        fc1 = ExpertLinear(self.spec.num_experts, input_dim, ffn_dim, dispatches=True)
+        if not self.spec.expert_parallel:
+            return fc1
+        # Expert parallelism runs the whole FFN inside fairscale's MOELayer, from the fc1 slot;
+        # fc2 is built here, in the same order as build_fc2 would, so the initialisation
+        # matches a one-process model with the same seed.
+        fc2 = ExpertLinear(self.spec.num_experts, ffn_dim, input_dim, dispatches=False)
+        return ExpertParallelFFN(fc1, fc2, self.activation_fn, self.activation_dropout_module)
 
     def build_fc2(self, input_dim, output_dim, q_noise, qn_block_size):
+        if self.spec.expert_parallel:
+            return nn.Identity()  # fc2 runs inside ExpertParallelFFN
         return ExpertLinear(self.spec.num_experts, self.spec.ffn_dim or input_dim, output_dim,
                             dispatches=False)
+
+    def _hand_ffn_to_experts(self):
+        """Expert parallelism: activation and its dropout now run inside the experts."""
+        if self.spec.expert_parallel:
+            self.activation_fn = _identity
+            self.activation_dropout_module = nn.Identity()
+
+    def routing(self, x: Tensor, sentence_experts: Optional[Tensor] = None):
+        """Context manager that routes this layer call (x: T x B x C)."""
+        if not self.spec.expert_parallel:
+            return routed(self.make_route(x, sentence_experts), self.fc1, self.fc2)
+        seq_len, batch_size = x.shape[0], x.shape[1]
+        mode = self.routing_mode
+        if mode == "fixed":
+            experts = torch.full((seq_len, batch_size), self.spec.inference_expert, dtype=torch.long)
+        else:
+            experts = draw_balanced_experts(mode, self.spec.num_experts, seq_len, batch_size)
+        return self.fc1.assigned(experts)
 
     @property
     def routing_mode(self) -> str:
@@ -50,9 +92,10 @@ class ThorTransformerEncoderLayer(ExpertFFNMixin, TransformerEncoderLayerBase):
     def __init__(self, cfg, spec: ExpertSpec, return_fc: bool = False):
         self.spec = spec
         super().__init__(cfg, return_fc=return_fc)
+        self._hand_ffn_to_experts()
 
     def forward(self, x, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None):
-        with routed(self.make_route(x), self.fc1, self.fc2):
+        with self.routing(x):
             return super().forward(x, encoder_padding_mask, attn_mask=attn_mask)
 
 
@@ -70,12 +113,19 @@ class ThorTransformerDecoderLayer(ExpertFFNMixin, TransformerDecoderLayerBase):
         scale_fc_width = getattr(self.ffn_layernorm, "normalized_shape", None)
         if scale_fc_width is not None and spec.ffn_dim is not None and scale_fc_width[0] != spec.ffn_dim:
             raise ValueError("--scale-fc needs --decoder-expert-ffn-dim equal to --decoder-ffn-embed-dim")
+        if spec.expert_parallel and self.ffn_layernorm is not None:
+            raise ValueError("--scale-fc is not supported with --expert-parallel")
+        self._hand_ffn_to_experts()
 
     def forward(self, x, encoder_out=None, encoder_padding_mask=None,
                 incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
                 *args, **kwargs):
-        route = self.make_route(x, self._stored_sentence_experts(x, incremental_state))
-        with routed(route, self.fc1, self.fc2):
+        if incremental_state is not None and self.spec.expert_parallel:
+            raise ValueError(
+                "an --expert-parallel model cannot decode step by step across processes; "
+                "consolidate its checkpoint with fairseq-thor-consolidate and decode on one device"
+            )
+        with self.routing(x, self._stored_sentence_experts(x, incremental_state)):
             return super().forward(x, encoder_out, encoder_padding_mask, incremental_state,
                                    *args, **kwargs)
 

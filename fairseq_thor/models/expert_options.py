@@ -45,6 +45,12 @@ def add_expert_args(parser: argparse.ArgumentParser):
     group.add_argument("--expert-routing", choices=TRAIN_ROUTING,
                        help="how experts are drawn in training: one per batch, per sentence or "
                             f"per token (default {DEFAULT_TRAIN_ROUTING})")
+    group.add_argument("--expert-parallel", action="store_true", default=None,
+                       help="shard the experts of every expert layer over the W training processes "
+                            "(E/W each, exchanged with fairscale's all-to-all MOELayer); needs "
+                            "fairseq-thor-train, --ddp-backend legacy_ddp and W dividing "
+                            "--num-experts. Checkpoints are saved per rank; consolidate them with "
+                            "fairseq-thor-consolidate to decode on one device")
     add_inference_args(group)
 
 
@@ -71,6 +77,7 @@ def set_expert_defaults(args):
         "expert_routing": DEFAULT_TRAIN_ROUTING,
         "inference_routing": DEFAULT_INFERENCE_ROUTING,
         "inference_expert": 0,
+        "expert_parallel": False,
     }
     for name, default in defaults.items():
         if getattr(args, name, None) is None:
@@ -114,6 +121,7 @@ class ExpertSpec:
     train_routing: str
     inference_routing: str
     inference_expert: int
+    expert_parallel: bool = False
 
     @classmethod
     def from_cfg(cls, cfg, side: str) -> "ExpertSpec":
@@ -129,6 +137,7 @@ class ExpertSpec:
             train_routing=cfg.expert_routing,
             inference_routing=cfg.inference_routing,
             inference_expert=cfg.inference_expert,
+            expert_parallel=bool(getattr(cfg, "expert_parallel", False)),
         )
 
     def has_experts(self, layer_index: int) -> bool:
@@ -148,6 +157,8 @@ def validate_expert_args(cfg):
                 f"--{side}-expert-ffn-dim needs --num-experts > 1; a one-expert model is dense, "
                 f"so set --{side}-ffn-embed-dim instead"
             )
+    if getattr(cfg, "expert_parallel", False) and cfg.num_experts < 2:
+        raise ValueError("--expert-parallel needs --num-experts >= 2 (a one-expert model is dense)")
     if cfg.expert_routing not in TRAIN_ROUTING:
         raise ValueError(f"--expert-routing {cfg.expert_routing!r}; valid: {', '.join(TRAIN_ROUTING)}")
     validate_inference(cfg)
@@ -163,4 +174,10 @@ def validate_inference(cfg):
         raise ValueError(
             f"--inference-expert {cfg.inference_expert} is out of range for a model with "
             f"{cfg.num_experts} experts; valid: 0..{cfg.num_experts - 1}"
+        )
+    if getattr(cfg, "expert_parallel", False) and cfg.inference_routing in ("mean", "merged"):
+        raise ValueError(
+            f"--inference-routing {cfg.inference_routing} needs every expert in one process; an "
+            f"--expert-parallel model validates with sentence, token, batch or fixed routing. "
+            f"Consolidate the checkpoint (fairseq-thor-consolidate) to decode with it"
         )

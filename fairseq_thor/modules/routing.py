@@ -62,6 +62,29 @@ def draw_token_experts(num_experts: int, seq_len: int, batch_size: int) -> Tenso
     return torch.randint(num_experts, (seq_len, batch_size))
 
 
+def draw_balanced_experts(mode: str, num_experts: int, seq_len: int, batch_size: int) -> Tensor:
+    """Expert ids shaped ``(T, B)`` from a balanced random permutation (expert parallelism).
+
+    Across processes every expert must reserve room for the largest share it can receive, so the
+    draw is balanced instead of independent: slots ``0, 1, ..., E-1, 0, 1, ...`` (starting at a
+    random expert) are shuffled over the sentences (``sentence``) or tokens (``token``). Every expert
+    then gets the same number of sentences or tokens, give or take one, and each input is still
+    equally likely to land on any expert. ``batch`` sends the whole batch to one random expert.
+    """
+    if mode == "batch":
+        return torch.randint(num_experts, (1, 1)).expand(seq_len, batch_size)
+    if mode == "sentence":
+        return _balanced_slots(num_experts, batch_size).expand(seq_len, batch_size)
+    if mode == "token":
+        return _balanced_slots(num_experts, seq_len * batch_size).view(seq_len, batch_size)
+    raise ValueError(f"mode {mode!r} has no balanced draw; valid: batch, sentence, token")
+
+
+def _balanced_slots(num_experts: int, n: int) -> Tensor:
+    start = torch.randint(num_experts, (1,))
+    return ((torch.arange(n) + start) % num_experts)[torch.randperm(n)]
+
+
 def route_from_assignment(assignment: Tensor, num_experts: int, device: torch.device) -> Route:
     """Build a ``Route`` from expert ids laid out like the flattened ``T x B`` rows."""
     flat = assignment.reshape(-1).cpu()

@@ -1,0 +1,1 @@
+"""Expert parallelism: experts sharded over processes (fairscale MOELayer), sharded checkpoints."""

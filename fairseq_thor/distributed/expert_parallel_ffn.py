@@ -1,0 +1,174 @@
+"""Expert parallelism: the experts of a THOR FFN spread over processes and reached through fairscale.
+
+With W processes and E experts every process holds E/W experts of each expert layer
+(``ExpertFFN`` modules); the rest of the model is replicated and trained data-parallel. fairscale's
+``MOELayer`` moves the inputs (GShard, Lepikhin et al. 2020, Algorithm 2): the gate gives every row
+an expert and a slot, an all-to-all sends each row to the process holding its expert, the local
+experts run, and a second all-to-all brings the results home.
+
+THOR has no gate network. ``BalancedRandomGate`` turns the random draw of
+``routing.draw_balanced_experts`` into fairscale's gate contract ``(l_aux, combine_weights,
+dispatch_mask)``. all-to-all exchanges equally sized blocks, so every expert reserves the largest
+number of rows any expert receives on any process (agreed with one all-reduce): no row is dropped,
+ranks with different batch sizes still exchange matching blocks, and the balanced draw keeps the
+padding small.
+"""
+from contextlib import contextmanager
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.moe import MOELayer
+from torch import Tensor, nn
+from torch.nn.utils import skip_init
+
+from ..modules.experts import ExpertLinear
+
+
+class BalancedRandomGate(nn.Module):
+    """fairscale's gate contract for THOR's random routing; ``assignment`` is set for each call.
+
+    ``assignment`` holds one expert id per flattened row; ``-1`` marks a row that goes nowhere
+    (padding added for MOELayer's shape rule), whose output is then zero.
+    """
+
+    def __init__(self, num_experts: int, group):
+        super().__init__()
+        self.num_experts = num_experts
+        self.group = group
+        self.assignment: Optional[Tensor] = None
+
+    def forward(self, rows: Tensor) -> Tuple[Tensor, Tensor, Tensor]:  # rows: S x C
+        experts = self.assignment
+        if experts is None or experts.numel() != rows.size(0):
+            raise RuntimeError("BalancedRandomGate needs an assignment of one expert per row")
+        device = rows.device
+        experts = experts.to(device)
+        kept = (experts >= 0).nonzero().squeeze(1)
+        kept_experts = experts[kept]
+        counts = torch.bincount(kept_experts, minlength=self.num_experts)
+        capacity = counts.max().reshape(1)
+        dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.group)
+        # slot of a row = how many earlier rows went to the same expert
+        order = torch.argsort(kept_experts, stable=True)
+        first_of_expert = torch.cumsum(counts, 0) - counts
+        slots = torch.empty_like(kept_experts)
+        slots[order] = torch.arange(kept.numel(), device=device) - first_of_expert[kept_experts[order]]
+        dispatch = torch.zeros(rows.size(0), self.num_experts, int(capacity.item()),
+                               dtype=torch.bool, device=device)  # S x E x C
+        dispatch[kept, kept_experts, slots] = True
+        no_aux_loss = rows.new_zeros(())
+        return no_aux_loss, dispatch.to(rows.dtype), dispatch
+
+
+class ExpertFFN(nn.Module):
+    """One expert on its own process: fc1 -> activation -> dropout -> fc2, as fairseq's FFN.
+
+    MOELayer hands it ``W x 1 x C x M``: C rows (some of them padding) from each of W processes.
+    """
+
+    def __init__(self, fc1: ExpertLinear, fc2: ExpertLinear, expert: int, activation_fn: Callable,
+                 activation_dropout: nn.Module):
+        super().__init__()
+        # skip_init: the weights come from the full banks, and drawing fresh ones would shift
+        # the RNG stream away from a one-process model's
+        self.fc1 = skip_init(nn.Linear, fc1.in_features, fc1.out_features)
+        self.fc2 = skip_init(nn.Linear, fc2.in_features, fc2.out_features)
+        with torch.no_grad():
+            for linear, bank in ((self.fc1, fc1), (self.fc2, fc2)):
+                linear.weight.copy_(bank.weight[expert])
+                linear.bias.copy_(bank.bias[expert])
+        self.activation_fn = activation_fn
+        self.activation_dropout = activation_dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype  # the exchange is float32; the expert runs in its weights' dtype (fp16)
+        h = self.activation_dropout(self.activation_fn(self.fc1(x.to(self.fc1.weight.dtype))))
+        return self.fc2(h).to(dtype)
+
+
+class ExpertParallelFFN(nn.Module):
+    """The whole expert FFN of a fairseq layer, run through fairscale's MOELayer.
+
+    It sits in the layer's ``fc1`` slot; the layer's own activation, activation dropout and
+    ``fc2`` become identities, because the experts apply them on their own processes.
+    ``fc1`` / ``fc2`` arrive holding all E experts (so initialisation matches a one-process model
+    with the same seed); this process keeps experts ``rank * E/W .. (rank + 1) * E/W - 1``.
+    """
+
+    def __init__(self, fc1: ExpertLinear, fc2: ExpertLinear, activation_fn: Callable,
+                 activation_dropout: nn.Module, group=None):
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                "--expert-parallel needs a distributed run: launch one process per rank with "
+                "--distributed-world-size W > 1 (see the README's expert parallelism section)"
+            )
+        group = group if group is not None else dist.group.WORLD
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        num_experts = fc1.num_experts
+        if num_experts % world != 0:
+            raise ValueError(
+                f"--expert-parallel puts --num-experts / world size experts on each process, so "
+                f"--num-experts ({num_experts}) must be a multiple of the world size ({world}); "
+                f"valid: --num-experts {world}, {2 * world}, ... (replicating experts when the "
+                f"world size exceeds --num-experts is not supported)"
+            )
+        self.num_experts, self.world_size, self.rank = num_experts, world, rank
+        self.num_local = num_experts // world
+        first = rank * self.num_local
+        local = nn.ModuleList(
+            ExpertFFN(fc1, fc2, e, activation_fn, activation_dropout)
+            for e in range(first, first + self.num_local)
+        )
+        # MOELayer tags every expert parameter with `expert = True`: fairseq's legacy_ddp then
+        # leaves their gradients alone (each process owns different experts).
+        self.moe = MOELayer(BalancedRandomGate(num_experts, group), local, group)
+        self.assignment: Optional[Tensor] = None
+
+    def forward(self, x: Tensor) -> Tensor:  # T x B x C
+        if self.assignment is None:
+            raise RuntimeError("ExpertParallelFFN was called outside its layer's routing context")
+        # MOELayer wants an (s, t, m) input whose s is a multiple of the local expert count:
+        # feed it S x 1 x C rows, padded with rows that the gate sends nowhere. fairscale
+        # dispatches with a float32 mask, so the exchange runs in float32.
+        rows = x.reshape(-1, x.size(-1)).float()
+        pad = -rows.size(0) % self.num_local
+        experts = self.assignment.reshape(-1)
+        if pad:
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.size(1))])
+            experts = torch.cat([experts, experts.new_full((pad,), -1)])
+        self.moe.gate.assignment = experts
+        try:
+            out = self.moe(rows.unsqueeze(1))
+        finally:
+            self.moe.gate.assignment = None
+        return out[: x.size(0) * x.size(1)].view(x.shape).to(x.dtype)
+
+    @contextmanager
+    def assigned(self, experts: Tensor):
+        """Route the next call: ``experts`` holds an expert id per row, shaped like ``T x B``."""
+        self.assignment = experts
+        try:
+            yield
+        finally:
+            self.assignment = None
+
+
+def expert_parameter_names(model: nn.Module) -> List[Tuple[str, List[str]]]:
+    """For every expert tensor of a one-process THOR model, the names of its slices here.
+
+    A one-process layer keeps a whole bank of E experts per tensor (``<layer>.fc1.weight``:
+    E x F x C). An expert-parallel process keeps E/W of them, one ``nn.Linear`` each:
+    ``<layer>.fc1.moe.experts.<j>.fc1.weight`` holds expert ``rank * E/W + j``. Every other
+    parameter has the same name in both.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertParallelFFN):
+            layer = name[: -len("fc1")]
+            for fc in ("fc1", "fc2"):
+                for tensor in ("weight", "bias"):
+                    local = [f"{name}.moe.experts.{j}.{fc}.{tensor}" for j in range(module.num_local)]
+                    names.append((f"{layer}{fc}.{tensor}", local))
+    return names

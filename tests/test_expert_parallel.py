@@ -1,0 +1,133 @@
+"""Expert parallelism (fairscale MOELayer over gloo, 2 CPU processes) against one process."""
+import pytest
+import torch
+import torch.distributed as dist
+
+import fairseq_thor.models.expert_layers as expert_layers
+from conftest import build_model, make_dictionary, random_batch
+from distributed_utils import run_in_processes
+from fairseq_thor.distributed.expert_parallel_ffn import ExpertParallelFFN, expert_parameter_names
+from fairseq_thor.modules.routing import route_from_assignment
+
+NUM_EXPERTS = 4
+
+
+def scripted_experts(seq_len, batch_size):
+    """A fixed token-level assignment that uses every expert, shaped T x B."""
+    t = torch.arange(seq_len).unsqueeze(1)
+    b = torch.arange(batch_size).unsqueeze(0)
+    return (t + 3 * b) % NUM_EXPERTS
+
+
+def use_scripted_routing():
+    """Both models route every layer call with ``scripted_experts`` instead of a random draw."""
+    expert_layers.draw_balanced_experts = lambda mode, num_experts, seq_len, batch_size: (
+        scripted_experts(seq_len, batch_size))
+    expert_layers.make_route = lambda mode, num_experts, seq_len, batch_size, device, **kw: (
+        route_from_assignment(scripted_experts(seq_len, batch_size), num_experts, device))
+
+
+def loss_of(model, batch, seed):
+    out = model(*batch)[0]
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return out, (out * weights).sum()
+
+
+def batches(dictionary):
+    # different sentence counts and lengths per rank: the ranks exchange equal-sized blocks anyway
+    return [random_batch(dictionary, batch_size=3, src_len=5, tgt_len=4, seed=0),
+            random_batch(dictionary, batch_size=2, src_len=7, tgt_len=6, seed=1)]
+
+
+def equivalence_body(rank, world_size):
+    use_scripted_routing()
+    dictionary = make_dictionary()
+    torch.manual_seed(0)
+    local = build_model(extra=["--num-experts", str(NUM_EXPERTS)], dictionary=dictionary)
+    torch.manual_seed(0)
+    sharded = build_model(extra=["--num-experts", str(NUM_EXPERTS), "--expert-parallel"],
+                          dictionary=dictionary)
+    local_params = dict(local.named_parameters())
+    sharded_params = dict(sharded.named_parameters())
+    per_rank = NUM_EXPERTS // world_size
+
+    # same seed -> the same model: shared weights equal, and this rank holds its slice of experts
+    names = expert_parameter_names(sharded)
+    assert len(names) == 2 * 4  # expert layers: encoder 0 and decoder 0; fc1/fc2 weight/bias
+    for canonical, slices in names:
+        for j, name in enumerate(slices):
+            torch.testing.assert_close(sharded_params[name], local_params[canonical][rank * per_rank + j])
+    expert_names = {name for _, slices in names for name in slices}
+    for name, p in sharded_params.items():
+        assert hasattr(p, "expert") == (name in expert_names), name
+        if name not in expert_names:
+            torch.testing.assert_close(p, local_params[name])
+
+    # forward: each rank's batch gives the one-process output for that batch
+    data = batches(dictionary)
+    out, loss = loss_of(sharded, data[rank], seed=rank)
+    expected, _ = loss_of(local, data[rank], seed=rank)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    # backward: shared gradients summed over ranks (what legacy_ddp does) and each rank's expert
+    # gradients equal the one-process gradient of the summed loss
+    loss.backward()
+    total = sum(loss_of(local, data[r], seed=r)[1] for r in range(world_size))
+    total.backward()
+    for name, p in sharded_params.items():
+        if name not in expert_names:
+            dist.all_reduce(p.grad)
+            torch.testing.assert_close(p.grad, local_params[name].grad, rtol=1e-4, atol=1e-5)
+    for canonical, slices in names:
+        for j, name in enumerate(slices):
+            torch.testing.assert_close(sharded_params[name].grad,
+                                       local_params[canonical].grad[rank * per_rank + j],
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_match_one_process():
+    run_in_processes(equivalence_body, 2)
+
+
+def balanced_body(rank, world_size):
+    """Real (balanced random) routing: sentence and token modes run, every expert gets work."""
+    dictionary = make_dictionary()
+    for mode in ("sentence", "token", "batch"):
+        torch.manual_seed(0)
+        model = build_model(extra=["--num-experts", str(NUM_EXPERTS), "--expert-parallel",
+                                   "--expert-routing", mode], dictionary=dictionary)
+        model.train()
+        batch = batches(dictionary)[rank]
+        out, loss = loss_of(model, batch, seed=rank)
+        assert torch.isfinite(out).all()
+        loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if hasattr(p, "expert")]
+        assert all(g is not None for g in grads)
+    model.eval()
+    model.set_inference_routing("fixed", expert=NUM_EXPERTS - 1)
+    with torch.no_grad():
+        out, _ = loss_of(model, batches(dictionary)[rank], seed=0)
+    assert torch.isfinite(out).all()
+
+
+def test_balanced_routing_runs_in_every_mode():
+    run_in_processes(balanced_body, 2)
+
+
+def divisibility_body(rank, world_size):
+    with pytest.raises(ValueError, match=r"--num-experts \(3\) must be a multiple of the world size \(2\)"):
+        build_model(extra=["--num-experts", "3", "--expert-parallel"])
+    model = build_model(extra=["--num-experts", "2", "--expert-parallel"])
+    for mode in ("mean", "merged"):
+        with pytest.raises(ValueError, match="consolidate"):
+            model.set_inference_routing(mode)
+
+
+def test_clear_errors_in_processes():
+    run_in_processes(divisibility_body, 2)
+
+
+def test_expert_parallel_needs_a_distributed_run():
+    with pytest.raises(ValueError, match="--expert-parallel needs a distributed run"):
+        build_model(extra=["--num-experts", "2", "--expert-parallel"])
+    assert not any(isinstance(m, ExpertParallelFFN) for m in build_model().modules())
