@@ -26,10 +26,15 @@ setup(
         "sacrebleu>=2.0",
         "sentencepiece>=0.1.99",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "sacremoses>=0.2", "subword-nmt>=0.3.8"],
+                    "recipes": ["sacremoses>=0.2", "subword-nmt>=0.3.8"]},  # examples/iwslt14_de_en, wmt16_en_de
     entry_points={
         "console_scripts": [
             "fairseq-thor-user-dir=fairseq_thor.path:main",
+            "fairseq-thor-train=fairseq_thor.distributed.train_cli:main",
+            "fairseq-thor-consolidate=fairseq_thor.distributed.consolidate:consolidate_main",
+            "fairseq-thor-reshard=fairseq_thor.distributed.consolidate:reshard_main",
+            "fairseq-thor-export-dense=fairseq_thor.export_dense:main",
         ]
     },
 )

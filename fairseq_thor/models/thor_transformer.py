@@ -7,6 +7,8 @@ model (and its state dict) is exactly a dense transformer.
 """
 from dataclasses import replace
 
+import torch.distributed as dist
+
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import register_model
 from fairseq.models.transformer import (
@@ -21,6 +23,7 @@ from fairseq.modules.transformer_layer import (
     TransformerEncoderLayerBase,
 )
 
+from ..distributed.expert_parallel_ffn import ExpertParallelFFN
 from ..modules.experts import ExpertLinear
 from .expert_layers import ExpertFFNMixin, ThorTransformerDecoderLayer, ThorTransformerEncoderLayer
 from .expert_options import ExpertSpec, add_expert_args, set_expert_defaults, validate_inference
@@ -79,6 +82,13 @@ class ThorTransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         set_expert_defaults(args)
+        if args.expert_parallel and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "this is an --expert-parallel model, whose experts live on several processes: "
+                "train it with one process per rank (fairseq-thor-train, --distributed-world-size "
+                "W > 1; see the README). To decode or evaluate on one device, consolidate the "
+                "checkpoint first: fairseq-thor-consolidate CHECKPOINT --out consolidated.pt"
+            )
         return super().build_model(args, task)
 
     @classmethod
@@ -98,6 +108,19 @@ class ThorTransformerModel(TransformerModel):
                 spec = replace(layer.spec, inference_routing=mode, inference_expert=expert)
                 validate_inference(spec)
                 layer.spec = spec
+
+    def state_dict(self, *args, **kwargs):
+        # Stock fairseq-train saves rank 0's state only: with experts sharded over ranks that
+        # would silently drop every other rank's experts. fairseq-thor-train's trainer saves
+        # each rank's share and sets `sharded_checkpoints`.
+        if any(isinstance(m, ExpertParallelFFN) for m in self.modules()) and not getattr(
+                self, "sharded_checkpoints", False):
+            raise RuntimeError(
+                "an --expert-parallel model must be trained with fairseq-thor-train (same flags as "
+                "fairseq-train), which saves every rank's experts; stock fairseq-train would keep "
+                "only rank 0's"
+            )
+        return super().state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         # Name the real problem (another number of experts) before torch's shape-mismatch dump.

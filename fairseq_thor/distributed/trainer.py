@@ -1,0 +1,178 @@
+"""fairseq's Trainer, taught to save, load and clip an expert-parallel model.
+
+Stock fairseq saves a checkpoint from rank 0 only and broadcasts it on load: with experts sharded
+over ranks that would keep rank 0's experts and lose the others. Under ``--expert-parallel`` this
+trainer has every rank save its experts (``checkpoint_X-rank-R.pt``) and rank 0 the rest
+(``checkpoint_X-shared.pt``), and every rank load its own pair. Gradient clipping uses the norm over
+*all* experts of all ranks plus the shared parameters, so every rank computes the same clipping
+factor (fairseq's own clipping leaves experts out of the norm) and the trainer's cross-rank
+consistency check holds. Without ``--expert-parallel`` it is fairseq's Trainer unchanged.
+"""
+import logging
+import os
+import tempfile
+import uuid
+from itertools import chain
+from typing import List
+
+import torch
+import torch.distributed as dist
+from fairseq import checkpoint_utils, utils
+from fairseq.trainer import Trainer
+from omegaconf import open_dict
+
+from . import sharded_checkpoint as shards
+from .expert_parallel_ffn import expert_parameter_names
+
+logger = logging.getLogger(__name__)
+
+EXPERT_PARALLEL_DDP_BACKENDS = ("legacy_ddp", "no_c10d")
+
+
+def check_expert_parallel_config(cfg):
+    """Refuse settings under which expert parallelism would train wrongly, naming the fix."""
+    backend = cfg.distributed_training.ddp_backend
+    if backend not in EXPERT_PARALLEL_DDP_BACKENDS:
+        raise ValueError(
+            f"--expert-parallel needs --ddp-backend legacy_ddp (got {backend}): it is the backend "
+            f"that leaves expert gradients (parameters tagged `expert`) out of the all-reduce"
+        )
+    common = cfg.common
+    if (common.fp16 or common.bf16) and not (common.memory_efficient_fp16 or
+                                             common.memory_efficient_bf16 or
+                                             common.fp16_no_flatten_grads):
+        raise ValueError(
+            "--expert-parallel with --fp16/--bf16 needs --fp16-no-flatten-grads (or "
+            "--memory-efficient-fp16): fairseq's flattened fp32 master copy loses the `expert` "
+            "tag, so expert gradients would be clipped as if they were shared"
+        )
+
+
+class ExpertParallelTrainer(Trainer):
+    def __init__(self, cfg, task, model, criterion, quantizer=None):
+        self.expert_parallel = bool(getattr(cfg.model, "expert_parallel", False))
+        if self.expert_parallel:
+            check_expert_parallel_config(cfg)
+            with open_dict(cfg):
+                # each rank reads its own files instead of receiving rank 0's
+                cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
+            model.sharded_checkpoints = True  # see ThorTransformerModel.state_dict
+        super().__init__(cfg, task, model, criterion, quantizer)
+
+    # ---- file names -------------------------------------------------------------------------
+
+    @property
+    def checkpoint_suffix(self) -> str:
+        suffix = super().checkpoint_suffix
+        return f"{suffix}-rank-{self.data_parallel_rank}" if self.expert_parallel else suffix
+
+    @property
+    def should_save_checkpoint_on_current_rank(self) -> bool:
+        return True if self.expert_parallel else super().should_save_checkpoint_on_current_rank
+
+    # ---- save / load ------------------------------------------------------------------------
+
+    def _param_names(self) -> List[str]:
+        """Names in the order of the optimizer's parameters (Trainer._build_optimizer's order)."""
+        named = chain(self._model.named_parameters(),
+                      (("criterion." + n, p) for n, p in self._criterion.named_parameters()))
+        return [n for n, p in named if p.requires_grad]
+
+    def save_checkpoint(self, filename, extra_state):
+        if not self.expert_parallel:
+            return super().save_checkpoint(filename, extra_state)
+        state = utils.move_to_cpu(self.state_dict())
+        state["extra_state"].update(extra_state)
+        # one token for all files of this save, so a mixed set is detected at load time
+        token = [uuid.uuid4().hex]
+        dist.broadcast_object_list(token, src=0, group=self.data_parallel_process_group)
+        rank, world = self.data_parallel_rank, self.data_parallel_world_size
+        prefix = shards.checkpoint_prefix(filename)
+        rank_state, shared = shards.split_for_rank(
+            state, self._param_names(), expert_parameter_names(self._model), rank, world,
+            self.cfg.model.num_experts, token[0], os.path.basename(shards.shared_path(prefix)))
+        logger.info(f"Saving rank {rank}'s experts to {os.path.abspath(filename)}")
+        checkpoint_utils.torch_persistent_save(rank_state, filename)  # written atomically
+        if shared is not None:
+            for path in self._shared_paths(prefix):
+                checkpoint_utils.torch_persistent_save(shared, path)
+        return os.path.abspath(filename)
+
+    def _shared_paths(self, prefix):
+        """fairseq copies the rank files it saved to checkpoint_last (and best) but not the shared
+        file; write checkpoint_last's own so the resume file never depends on another name."""
+        paths = [shards.shared_path(prefix)]
+        if not self.cfg.checkpoint.no_last_checkpoints:
+            last = os.path.join(self.cfg.checkpoint.save_dir, "checkpoint_last" + super().checkpoint_suffix)
+            if shards.shared_path(last) not in paths:
+                paths.append(shards.shared_path(last))
+        return paths
+
+    def load_checkpoint(self, filename, reset_optimizer=False, reset_lr_scheduler=False,
+                        optimizer_overrides=None, reset_meters=False):
+        if not self.expert_parallel:
+            return super().load_checkpoint(filename, reset_optimizer, reset_lr_scheduler,
+                                           optimizer_overrides, reset_meters)
+        rank, world = self.data_parallel_rank, self.data_parallel_world_size
+        prefix = shards.checkpoint_prefix(filename)
+        found = [None] * world
+        dist.all_gather_object(found, os.path.isfile(shards.rank_path(prefix, rank)),
+                               group=self.data_parallel_process_group)
+        if not any(found):
+            if os.path.isfile(filename) and not os.path.isfile(shards.shared_path(prefix)):
+                raise ValueError(
+                    f"{filename} is a one-process checkpoint; split it for expert parallelism "
+                    f"with: fairseq-thor-reshard {filename} --world-size {world} --out <prefix>"
+                )
+            return super().load_checkpoint(shards.rank_path(prefix, rank), reset_optimizer,
+                                           reset_lr_scheduler, optimizer_overrides, reset_meters)
+        first = shards.load(shards.rank_path(prefix, 0)) if found[0] else {}
+        saved_world = first.get("expert_parallel", {}).get("world_size")
+        if saved_world != world or not all(found):
+            raise ValueError(
+                f"{prefix} was saved by {saved_world} expert-parallel ranks, this run has {world}; "
+                f"reshard it first: fairseq-thor-reshard {shards.rank_path(prefix, 0)} "
+                f"--world-size {world} --out <new prefix>"
+            )
+        rank_state = shards.load(shards.rank_path(prefix, rank))
+        shared = shards.shared_for(prefix, rank_state)
+        self._check_own_shard(shared, rank_state, prefix, rank)
+        state = shards.merge_for_rank(shared, rank_state, self._param_names(),
+                                      expert_parameter_names(self._model))
+        # fairseq's loader reads a file: hand it this rank's merged state as one
+        directory = os.path.dirname(os.path.abspath(filename))
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=f".rank{rank}.pt", delete=False) as f:
+            torch.save(state, f)
+        try:
+            return super().load_checkpoint(f.name, reset_optimizer, reset_lr_scheduler,
+                                           optimizer_overrides, reset_meters)
+        finally:
+            os.remove(f.name)
+
+    @staticmethod
+    def _check_own_shard(shared, rank_state, prefix, rank):
+        meta, theirs = shared["expert_parallel"], rank_state.get("expert_parallel", {})
+        if theirs.get("rank") != rank or theirs.get("fingerprint") != meta["fingerprint"]:
+            raise ValueError(
+                f"{shards.rank_path(prefix, rank)} and {shards.shared_path(prefix)} come from "
+                f"different saves (an interrupted save, or files copied over each other)"
+            )
+
+    # ---- gradient clipping ------------------------------------------------------------------
+
+    def clip_grad_norm(self, clip_norm):
+        if not self.expert_parallel:
+            return super().clip_grad_norm(clip_norm)
+        optimizer_params = list(self.optimizer.params)  # fp32 copies under --fp16-no-flatten-grads
+        group = self.data_parallel_process_group
+
+        def add_all_experts(shared_norm):
+            # fairseq's clip_grad_norm_ measures the shared parameters; add every rank's experts
+            expert_sq = shared_norm.new_zeros((), dtype=torch.float32)
+            for p in optimizer_params:
+                if getattr(p, "expert", False) and p.grad is not None:
+                    expert_sq = expert_sq + p.grad.detach().float().pow(2).sum()
+            dist.all_reduce(expert_sq, group=group)
+            return (shared_norm.float() ** 2 + expert_sq).sqrt()
+
+        return self.optimizer.clip_grad_norm(clip_norm, aggregate_norm_fn=add_all_experts)

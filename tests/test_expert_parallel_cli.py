@@ -1,0 +1,182 @@
+"""Expert parallelism through the real CLIs: 2 gloo processes train, save, resume; the sharded
+checkpoint is consolidated, decoded on one process, resharded and exported as a dense transformer."""
+import os
+import random
+import re
+import subprocess
+
+import pytest
+import torch
+
+from distributed_utils import free_port, run_in_processes
+from test_cli import BIN, REPO, run, write_corpus
+
+pytestmark = pytest.mark.cli
+NUM_EXPERTS = 4
+MODEL = ["--arch", "thor_transformer", "--encoder-layers", "2", "--decoder-layers", "2",
+         "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+         "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+         "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+         "--num-experts", str(NUM_EXPERTS), "--expert-parallel"]
+MAX_LEN_B = 12
+
+
+def train_in_processes(tool, data, save_dir, *extra, world_size=2):
+    """One fairseq training process per rank over gloo (the CPU recipe in DESIGN.md/README)."""
+    port = free_port()
+    args = [data, "--user-dir", "fairseq_thor", "--cpu", "--task", "translation_thor", *MODEL,
+            "--criterion", "thor_consistency", "--consistency-alpha", "1.0", "--label-smoothing", "0.1",
+            "--optimizer", "adam", "--lr", "0.003", "--clip-norm", "1.0", "--max-tokens", "500",
+            "--save-dir", save_dir, "--log-format", "simple", "--log-interval", "1",
+            "--no-epoch-checkpoints", "--seed", "3", "--ddp-backend", "legacy_ddp",
+            "--distributed-backend", "gloo", "--distributed-init-method", f"tcp://127.0.0.1:{port}",
+            "--distributed-no-spawn", "--distributed-world-size", str(world_size), *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([os.path.join(BIN, tool), *map(str, args), "--distributed-rank", str(r)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in range(world_size)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ep")
+    raw, data, ckpt = root / "raw", root / "data-bin", root / "ckpt"
+    raw.mkdir()
+    write_corpus(raw, random.Random(0))
+    run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
+        "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+        "--destdir", data, "--workers", "1")
+    codes, first = train_in_processes("fairseq-thor-train", data, ckpt, "--max-update", "6")
+    assert codes == [0, 0], first[0][-3000:] + first[1][-3000:]
+    files = sorted(os.listdir(ckpt))
+    codes, resumed = train_in_processes("fairseq-thor-train", data, ckpt, "--max-update", "10")
+    assert codes == [0, 0], resumed[0][-3000:]
+    consolidated = root / "consolidated.pt"
+    run("fairseq-thor-consolidate", ckpt / "checkpoint_last-rank-1.pt", "--out", consolidated)
+    return {"root": root, "data": data, "ckpt": ckpt, "files": files, "first": first,
+            "resumed": resumed, "consolidated": consolidated}
+
+
+def test_every_rank_saves_its_experts_beside_one_shared_file(sharded):
+    for name in ("checkpoint_last", "checkpoint_best"):
+        assert {f"{name}-rank-0.pt", f"{name}-rank-1.pt"} <= set(sharded["files"])
+    assert "checkpoint_last-shared.pt" in sharded["files"]
+    assert not any(f.endswith(".tmp") or f == "checkpoint_last.pt" for f in sharded["files"])
+    rank0 = torch.load(sharded["ckpt"] / "checkpoint_last-rank-0.pt", weights_only=True)
+    bank = rank0["model"]["encoder.layers.0.fc1.weight"]
+    assert bank.shape == (NUM_EXPERTS // 2, 64, 32)  # two of the four experts
+
+
+def epoch_losses(log):
+    return [float(x) for x in re.findall(r"INFO:train:epoch \d+ \| loss ([\d.]+)", log)]
+
+
+def test_training_resumes_from_the_sharded_files(sharded):
+    log = sharded["resumed"][0]  # fairseq logs on rank 0 only
+    assert re.search(r"Loaded checkpoint .* \(epoch \d+ @ 6 updates\)", log), log[-2000:]
+    assert "num_updates 10" in log and "num_updates 1 " not in log
+    # the loss goes on falling from where the first run stopped
+    assert epoch_losses(log)[-1] < epoch_losses(sharded["first"][0])[-1] < epoch_losses(sharded["first"][0])[0]
+
+
+def generate(checkpoint, data, *extra, user_dir=True):
+    plugin = ["--user-dir", "fairseq_thor", "--task", "translation_thor"] if user_dir else []
+    _, out = run("fairseq-generate", data, *plugin, "--cpu", "--path", checkpoint,
+                 "--gen-subset", "test", "--beam", "1", "--max-len-b", MAX_LEN_B, *extra)
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^H-(\d+)\t\S+\t(.*)$", out, re.M)}
+
+
+def greedy_on_two_ranks(rank, world_size, ckpt_prefix, expert, expected):
+    """Decode the test set with the sharded model itself (both ranks in lockstep, fixed expert)."""
+    import fairseq_thor  # noqa: F401
+    from fairseq import tasks
+    from omegaconf import OmegaConf
+
+    from fairseq_thor.distributed import sharded_checkpoint as shards
+    from fairseq_thor.distributed.expert_parallel_ffn import expert_parameter_names
+
+    rank_state = shards.load(shards.rank_path(ckpt_prefix, rank))
+    shared = shards.shared_for(ckpt_prefix, rank_state)
+    task = tasks.setup_task(OmegaConf.create(shared["cfg"]["task"]))
+    model = task.build_model(shared["cfg"]["model"])
+    names = [n for n, p in model.named_parameters()]
+    state = shards.merge_for_rank(shared, rank_state, names, expert_parameter_names(model))
+    model.load_state_dict(state["model"])
+    model.eval()
+    model.set_inference_routing("fixed", expert=expert)
+    task.load_dataset("test")
+    dataset = task.dataset("test")
+    batch = dataset.collater([dataset[i] for i in range(len(dataset))])
+    src, src_len = batch["net_input"]["src_tokens"], batch["net_input"]["src_lengths"]
+    d = task.target_dictionary
+    prev = torch.full((src.size(0), 1), d.eos())
+    done = torch.zeros(src.size(0), dtype=torch.bool)
+    with torch.no_grad():
+        for step in range(MAX_LEN_B + 1):
+            lprobs = model(src, src_len, prev)[0][:, -1].log_softmax(-1)
+            lprobs[:, d.pad()] = -float("inf")
+            if step == 0:
+                lprobs[:, d.eos()] = -float("inf")  # fairseq's min length of 1
+            best = lprobs.argmax(-1) if step < MAX_LEN_B else torch.full_like(done, d.eos(), dtype=torch.long)
+            best[done] = d.pad()
+            done |= best == d.eos()
+            prev = torch.cat([prev, best.unsqueeze(1)], dim=1)
+    if rank == 0:
+        for row, sample_id in enumerate(batch["id"].tolist()):
+            tokens = [t for t in prev[row, 1:].tolist() if t not in (d.pad(), d.eos())]
+            assert d.string(torch.tensor(tokens)) == expected[sample_id], sample_id
+
+
+@pytest.mark.parametrize("expert", [1, 2])  # expert 1 lives on rank 0, expert 2 on rank 1
+def test_consolidated_model_translates_like_the_two_rank_model(sharded, expert):
+    hypotheses = generate(sharded["consolidated"], sharded["data"],
+                          "--inference-routing", "fixed", "--inference-expert", expert)
+    assert len(hypotheses) == 13  # every test sentence
+    run_in_processes(greedy_on_two_ranks, 2, str(sharded["ckpt"] / "checkpoint_last"), expert,
+                     hypotheses)
+
+
+def test_reshard_to_four_ranks_and_back_keeps_every_tensor(sharded):
+    root = sharded["root"]
+    run("fairseq-thor-reshard", sharded["ckpt"] / "checkpoint_last-shared.pt", "--world-size", 4,
+        "--out", root / "four" / "checkpoint_last")
+    assert len([f for f in os.listdir(root / "four") if "-rank-" in f]) == 4
+    run("fairseq-thor-consolidate", root / "four" / "checkpoint_last", "--out", root / "back.pt")
+    original = torch.load(sharded["consolidated"], weights_only=False)
+    back = torch.load(root / "back.pt", weights_only=False)
+    assert original["model"].keys() == back["model"].keys()
+    for k, v in original["model"].items():
+        assert torch.equal(v, back["model"][k]), k
+    for i, s in original["last_optimizer_state"]["state"].items():
+        for key, value in s.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(back["last_optimizer_state"]["state"][i][key]))
+    # a 4-rank checkpoint cannot resume a 2-rank run
+    codes, outs = train_in_processes("fairseq-thor-train", sharded["data"], root / "four",
+                                     "--max-update", "12")
+    assert codes != [0, 0]
+    assert "saved by 4 expert-parallel ranks, this run has 2" in outs[0] + outs[1]
+
+
+def test_dense_export_loads_in_stock_fairseq(sharded):
+    dense = sharded["root"] / "dense.pt"
+    run("fairseq-thor-export-dense", sharded["consolidated"], "--out", dense)
+    stock = generate(dense, sharded["data"], user_dir=False)
+    merged = generate(sharded["consolidated"], sharded["data"], "--inference-routing", "merged")
+    assert stock and all(merged[i] == hyp for i, hyp in stock.items())
+
+
+def test_unconsolidated_checkpoints_are_refused_with_the_fix(sharded):
+    for name in ("checkpoint_last-rank-0.pt", "checkpoint_last-shared.pt"):
+        code, out = run("fairseq-generate", sharded["data"], "--user-dir", "fairseq_thor", "--cpu",
+                        "--task", "translation_thor", "--path", sharded["ckpt"] / name,
+                        "--gen-subset", "test", check=False)
+        assert code != 0 and "fairseq-thor-consolidate" in out
+
+
+def test_stock_fairseq_train_refuses_to_save_a_sharded_model(sharded, tmp_path):
+    codes, outs = train_in_processes("fairseq-train", sharded["data"], tmp_path, "--max-update", "1")
+    assert codes != [0, 0]
+    assert "must be trained with fairseq-thor-train" in outs[0]
+    assert not any(f.endswith(".pt") for f in os.listdir(tmp_path))
