@@ -39,15 +39,21 @@ def write_corpus(raw, rng):
                 ft.write(" ".join(f"t{w}" for w in reversed(words)) + "\n")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    raw, data, ckpt = root / "raw", root / "data-bin", root / "ckpt"
+def make_toy_data(root):
+    """Write and binarize the toy corpus under ``root``; returns the data-bin folder."""
+    raw, data = root / "raw", root / "data-bin"
     raw.mkdir()
     write_corpus(raw, random.Random(0))
     run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
         "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
         "--destdir", data, "--workers", "1")
+    return data
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data, ckpt = make_toy_data(root), root / "ckpt"
     train_args = [data, "--user-dir", "fairseq_thor", "--cpu", "--task", "translation_thor", *MODEL,
                   "--criterion", "thor_consistency", "--consistency-alpha", "1.0",
                   "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "0.003",

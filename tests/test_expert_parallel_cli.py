@@ -1,7 +1,6 @@
 """Expert parallelism through the real CLIs: 2 gloo processes train, save, resume; the sharded
 checkpoint is consolidated, decoded on one process, resharded and exported as a dense transformer."""
 import os
-import random
 import re
 import subprocess
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 from distributed_utils import free_port, run_in_processes
-from test_cli import BIN, REPO, run, write_corpus
+from test_cli import BIN, REPO, make_toy_data, run
 
 pytestmark = pytest.mark.cli
 NUM_EXPERTS = 4
@@ -42,12 +41,7 @@ def train_in_processes(tool, data, save_dir, *extra, world_size=2):
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     root = tmp_path_factory.mktemp("ep")
-    raw, data, ckpt = root / "raw", root / "data-bin", root / "ckpt"
-    raw.mkdir()
-    write_corpus(raw, random.Random(0))
-    run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
-        "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
-        "--destdir", data, "--workers", "1")
+    data, ckpt = make_toy_data(root), root / "ckpt"
     codes, first = train_in_processes("fairseq-thor-train", data, ckpt, "--max-update", "6")
     assert codes == [0, 0], first[0][-3000:] + first[1][-3000:]
     files = sorted(os.listdir(ckpt))

@@ -16,6 +16,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 
 from ..modules.consistency import symmetric_kl
+from .router_stats import collect_decisions
 from ..shared_flags import add_dataclass_args_once
 
 # Measured on the demo's budget (see README): the paper's alpha = 5 slows fitting in short runs.
@@ -53,6 +54,10 @@ class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
             return super().forward(model, sample, reduce=reduce)
 
         passes = [model(**sample["net_input"]) for _ in range(2)]
+        if collect_decisions(model):
+            raise ValueError("--criterion thor_consistency trains THOR's stochastic router; train "
+                             "--expert-router switch/gshard/hash with "
+                             "--criterion moe_label_smoothed_cross_entropy (adds their aux loss)")
         lprobs, losses, nll_losses = [], [], []
         for net_output in passes:
             lp, target = self.get_lprobs_and_target(model, net_output, sample)  # (N, V), (N,)

@@ -75,43 +75,46 @@ def optimizer_state_by_position(named: dict, param_names: List[str]) -> dict:
 
 # ---- experts: per-process names <-> canonical stacked banks -------------------------------------
 
-def _stack(values: List):
-    """Stack per-expert values; per-parameter scalars (Adam's ``step``) are shared by all."""
+def _join(values: List, join):
+    """Join per-expert (or per-rank) values with ``join`` (torch.stack / torch.cat), leaf by leaf;
+    per-parameter scalars such as Adam's ``step`` are shared by all and kept once."""
     first = values[0]
     if isinstance(first, dict):
-        return {k: _stack([v[k] for v in values]) for k in first}
+        return {k: _join([v[k] for v in values], join) for k in first}
     if isinstance(first, Tensor) and first.dim() > 0:
-        return torch.stack(values)
+        return join(values)
     return first
+
+
+def _divide(value, parts: int, divide) -> List:
+    """The inverse of ``_join``: ``divide(tensor, parts)`` is unbind or chunk."""
+    if isinstance(value, dict):
+        pieces = {k: _divide(v, parts, divide) for k, v in value.items()}
+        return [{k: pieces[k][i] for k in value} for i in range(parts)]
+    if isinstance(value, Tensor) and value.dim() > 0:
+        pieces = divide(value, parts)
+        if len(pieces) != parts:
+            raise ValueError(f"cannot divide a tensor of {value.size(0)} experts into {parts} parts")
+        return [p.clone() for p in pieces]
+    return [value] * parts
+
+
+def _stack(values: List):
+    return _join(values, torch.stack)
 
 
 def _unstack(value, count: int) -> List:
-    if isinstance(value, dict):
-        parts = {k: _unstack(v, count) for k, v in value.items()}
-        return [{k: parts[k][j] for k in value} for j in range(count)]
-    if isinstance(value, Tensor) and value.dim() > 0:
-        if value.size(0) != count:
-            raise ValueError(f"expected {count} experts, found {value.size(0)}")
-        return [v.clone() for v in value.unbind(0)]
-    return [value] * count
+    if isinstance(value, Tensor) and value.dim() > 0 and value.size(0) != count:
+        raise ValueError(f"expected {count} experts, found {value.size(0)}")
+    return _divide(value, count, lambda t, n: t.unbind(0))
 
 
 def _cat(values: List):
-    first = values[0]
-    if isinstance(first, dict):
-        return {k: _cat([v[k] for v in values]) for k in first}
-    if isinstance(first, Tensor) and first.dim() > 0:
-        return torch.cat(values)
-    return first
+    return _join(values, torch.cat)
 
 
 def _split(value, parts: int) -> List:
-    if isinstance(value, dict):
-        pieces = {k: _split(v, parts) for k, v in value.items()}
-        return [{k: pieces[k][r] for k in value} for r in range(parts)]
-    if isinstance(value, Tensor) and value.dim() > 0:
-        return [v.clone() for v in value.chunk(parts)]
-    return [value] * parts
+    return _divide(value, parts, lambda t, n: t.chunk(n))
 
 
 def to_canonical(tensors: Dict[str, object], expert_names: ExpertNames) -> Dict[str, object]:

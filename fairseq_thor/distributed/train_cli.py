@@ -2,16 +2,19 @@
 
 Same flags, same behaviour as ``fairseq-train``; the only difference is the ``Trainer`` class,
 which matters for ``--expert-parallel`` (see trainer.py) and is fairseq's own otherwise. fairseq
-offers no hook to choose the trainer, so this entry point swaps the name ``fairseq_cli.train``
-looks up, in this process only, and then runs fairseq's unmodified ``cli_main``.
+offers no hook to choose the trainer, so this module swaps the name ``fairseq_cli.train`` looks
+up and then runs fairseq's unmodified ``cli_main``. The swap happens on import, not in ``main``:
+when fairseq spawns one process per GPU itself, each child re-imports the launching script (and
+with it this module) but does not call ``main``.
 """
 import fairseq_cli.train as fairseq_train
 
 from .trainer import ExpertParallelTrainer
 
+fairseq_train.Trainer = ExpertParallelTrainer
+
 
 def main():
-    fairseq_train.Trainer = ExpertParallelTrainer
     fairseq_train.cli_main()
 
 

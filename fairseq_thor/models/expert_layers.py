@@ -20,12 +20,14 @@ from torch import Tensor, nn
 
 from ..distributed.expert_parallel_ffn import ExpertParallelFFN
 from ..modules.experts import ExpertLinear, routed
+from ..modules.gates import HashGate, SwitchGate, Top2Gate
 from ..modules.routing import (
     PER_SENTENCE_MODES,
     Route,
     draw_balanced_experts,
     draw_sentence_experts,
     make_route,
+    route_from_choices,
 )
 from .expert_options import ExpertSpec
 
@@ -44,6 +46,7 @@ class ExpertFFNMixin:
         if q_noise > 0:
             raise ValueError("--quant-noise-pq is not supported on THOR expert layers")
         ffn_dim = self.spec.ffn_dim or output_dim
+        self._build_gate(input_dim)
         fc1 = ExpertLinear(self.spec.num_experts, input_dim, ffn_dim, dispatches=True)
         if not self.spec.expert_parallel:
             return fc1
@@ -59,14 +62,46 @@ class ExpertFFNMixin:
         return ExpertLinear(self.spec.num_experts, self.spec.ffn_dim or input_dim, output_dim,
                             dispatches=False)
 
+    def _build_gate(self, model_dim: int):
+        """Baseline routers only (THOR has no gate). Their decisions are kept for the criterion."""
+        spec = self.spec
+        self.last_decision = None
+        self.token_ids: Optional[Tensor] = None  # hash routing: token id of every row, set per call
+        if spec.router == "switch":
+            self.gate = SwitchGate(model_dim, spec.num_experts, spec.capacity_factor)
+        elif spec.router == "gshard":
+            self.gate = Top2Gate(model_dim, spec.num_experts, spec.capacity_factor)
+        elif spec.router == "hash":
+            self.gate = HashGate(spec.num_experts, spec.vocab_size)
+
+    def _gated_route(self, pad_rows: Optional[Tensor]) -> Route:
+        """Route for a baseline router; padding rows (``pad_rows``, T x B) take no capacity."""
+
+        def decide(rows: Tensor) -> Route:
+            keep = None if pad_rows is None else (~pad_rows.t().reshape(-1)).nonzero().squeeze(1)
+            if self.spec.router == "hash":
+                inputs = self.token_ids
+            else:
+                inputs = rows
+            if keep is not None:
+                inputs = inputs.index_select(0, keep.to(inputs.device))
+            self.last_decision = self.gate(inputs)
+            return route_from_choices(self.last_decision.experts, self.last_decision.weights,
+                                      self.spec.num_experts, rows=keep)
+
+        return Route(kind="gated", decide=decide)
+
     def _hand_ffn_to_experts(self):
         """Expert parallelism: activation and its dropout now run inside the experts."""
         if self.spec.expert_parallel:
             self.activation_fn = _identity
             self.activation_dropout_module = nn.Identity()
 
-    def routing(self, x: Tensor, sentence_experts: Optional[Tensor] = None):
-        """Context manager that routes this layer call (x: T x B x C)."""
+    def routing(self, x: Tensor, sentence_experts: Optional[Tensor] = None,
+                pad_rows: Optional[Tensor] = None):
+        """Context manager that routes this layer call (x: T x B x C; pad_rows: B x T)."""
+        if self.spec.router != "stochastic":
+            return routed(self._gated_route(pad_rows), self.fc1, self.fc2)
         if not self.spec.expert_parallel:
             return routed(self.make_route(x, sentence_experts), self.fc1, self.fc2)
         seq_len, batch_size = x.shape[0], x.shape[1]
@@ -95,7 +130,7 @@ class ThorTransformerEncoderLayer(ExpertFFNMixin, TransformerEncoderLayerBase):
         self._hand_ffn_to_experts()
 
     def forward(self, x, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None):
-        with self.routing(x):
+        with self.routing(x, pad_rows=encoder_padding_mask):
             return super().forward(x, encoder_padding_mask, attn_mask=attn_mask)
 
 
@@ -125,12 +160,14 @@ class ThorTransformerDecoderLayer(ExpertFFNMixin, TransformerDecoderLayerBase):
                 "an --expert-parallel model cannot decode step by step across processes; "
                 "consolidate its checkpoint with fairseq-thor-consolidate and decode on one device"
             )
-        with self.routing(x, self._stored_sentence_experts(x, incremental_state)):
+        with self.routing(x, self._stored_sentence_experts(x, incremental_state),
+                          pad_rows=kwargs.get("self_attn_padding_mask")):
             return super().forward(x, encoder_out, encoder_padding_mask, incremental_state,
                                    *args, **kwargs)
 
     def _stored_sentence_experts(self, x: Tensor, incremental_state) -> Optional[Tensor]:
-        if incremental_state is None or self.routing_mode not in PER_SENTENCE_MODES:
+        if (incremental_state is None or self.routing_mode not in PER_SENTENCE_MODES
+                or self.spec.router != "stochastic"):
             return None
         saved = self.get_incremental_state(incremental_state, "route")
         if saved is None:

@@ -10,6 +10,10 @@ from typing import FrozenSet, Optional
 
 from ..modules.routing import INFERENCE_ROUTING, TRAIN_ROUTING
 
+# "stochastic" is THOR. The others are the baselines THOR is compared with (Zuo et al., Sec. 5):
+# Switch top-1 and GShard top-2 learned gates (load-balancing loss, capacity) and hash routing.
+ROUTERS = ["stochastic", "switch", "gshard", "hash"]
+
 # Defaults shared by every THOR architecture. E = 2, experts in every other layer and
 # sentence-level inference follow the paper's IWSLT setting; training routing is per sentence,
 # which gives every expert gradient from every batch (the reference draws one expert per batch,
@@ -45,6 +49,14 @@ def add_expert_args(parser: argparse.ArgumentParser):
     group.add_argument("--expert-routing", choices=TRAIN_ROUTING,
                        help="how experts are drawn in training: one per batch, per sentence or "
                             f"per token (default {DEFAULT_TRAIN_ROUTING})")
+    group.add_argument("--expert-router", choices=ROUTERS,
+                       help="who picks the expert: 'stochastic' (THOR, random), or the baselines "
+                            "'switch' (learned top-1 gate), 'gshard' (learned top-2 gate, "
+                            "fairscale's), 'hash' (fixed token id -> expert); gated routers add "
+                            "their load-balancing loss through the criterion (default stochastic)")
+    group.add_argument("--capacity-factor", type=float, metavar="F",
+                       help="switch/gshard: each expert takes at most F x (its even share) of the "
+                            "tokens, the rest are dropped (residual only) (default 1.0)")
     group.add_argument("--expert-parallel", action="store_true", default=None,
                        help="shard the experts of every expert layer over the W training processes "
                             "(E/W each, exchanged with fairscale's all-to-all MOELayer); needs "
@@ -78,6 +90,8 @@ def set_expert_defaults(args):
         "inference_routing": DEFAULT_INFERENCE_ROUTING,
         "inference_expert": 0,
         "expert_parallel": False,
+        "expert_router": "stochastic",
+        "capacity_factor": 1.0,
     }
     for name, default in defaults.items():
         if getattr(args, name, None) is None:
@@ -122,6 +136,9 @@ class ExpertSpec:
     inference_routing: str
     inference_expert: int
     expert_parallel: bool = False
+    router: str = "stochastic"
+    capacity_factor: float = 1.0
+    vocab_size: int = 0  # hash routing's table size, set by the encoder/decoder
 
     @classmethod
     def from_cfg(cls, cfg, side: str) -> "ExpertSpec":
@@ -138,10 +155,16 @@ class ExpertSpec:
             inference_routing=cfg.inference_routing,
             inference_expert=cfg.inference_expert,
             expert_parallel=bool(getattr(cfg, "expert_parallel", False)),
+            router=getattr(cfg, "expert_router", None) or "stochastic",
+            capacity_factor=_unless_none(getattr(cfg, "capacity_factor", None), 1.0),
         )
 
     def has_experts(self, layer_index: int) -> bool:
         return self.num_experts > 1 and layer_index in self.layers
+
+
+def _unless_none(value, default):
+    return default if value is None else value
 
 
 def validate_expert_args(cfg):
@@ -157,6 +180,15 @@ def validate_expert_args(cfg):
                 f"--{side}-expert-ffn-dim needs --num-experts > 1; a one-expert model is dense, "
                 f"so set --{side}-ffn-embed-dim instead"
             )
+    router = getattr(cfg, "expert_router", None) or "stochastic"
+    if router not in ROUTERS:
+        raise ValueError(f"--expert-router {router!r}; valid: {', '.join(ROUTERS)}")
+    if router != "stochastic" and getattr(cfg, "expert_parallel", False):
+        raise ValueError(f"--expert-router {router} does not support --expert-parallel yet; "
+                         f"expert parallelism routes with the stochastic (THOR) router")
+    capacity_factor = getattr(cfg, "capacity_factor", None)
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ValueError(f"--capacity-factor must be > 0, got {cfg.capacity_factor}")
     if getattr(cfg, "expert_parallel", False) and cfg.num_experts < 2:
         raise ValueError("--expert-parallel needs --num-experts >= 2 (a one-expert model is dense)")
     if cfg.expert_routing not in TRAIN_ROUTING:

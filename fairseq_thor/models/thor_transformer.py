@@ -37,13 +37,27 @@ def wrap_layer(layer, cfg):
     return fsdp_wrap(layer, min_num_params=0 if cfg.checkpoint_activations else cfg.min_params_to_wrap)
 
 
+def set_token_ids(stack, tokens):
+    """Hash routing needs the token id of every row: hand ``tokens`` (B x T) to the layers that
+    route by hash, flattened in the layers' T x B row order."""
+    if stack.expert_spec.router == "hash":
+        rows = tokens.t().reshape(-1)
+        for layer in stack.layers:
+            if isinstance(layer, ExpertFFNMixin):
+                layer.token_ids = rows
+
+
 class ThorTransformerEncoder(TransformerEncoderBase):
     def __init__(self, cfg, dictionary, embed_tokens, return_fc=False):
         # fairseq builds the layers inside its constructor without passing their index, so the
         # spec and a running count must exist before super().__init__ calls build_encoder_layer.
-        self.expert_spec = ExpertSpec.from_cfg(cfg, "encoder")
+        self.expert_spec = replace(ExpertSpec.from_cfg(cfg, "encoder"), vocab_size=len(dictionary))
         self._layers_built = 0
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
+
+    def forward_scriptable(self, src_tokens, *args, **kwargs):
+        set_token_ids(self, src_tokens)  # B x T
+        return super().forward_scriptable(src_tokens, *args, **kwargs)
 
     def build_encoder_layer(self, cfg):
         index, self._layers_built = self._layers_built, self._layers_built + 1
@@ -56,10 +70,19 @@ class ThorTransformerEncoder(TransformerEncoderBase):
 
 class ThorTransformerDecoder(TransformerDecoderBase):
     def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
-        self.expert_spec = ExpertSpec.from_cfg(cfg, "decoder")  # see ThorTransformerEncoder
+        self.expert_spec = replace(ExpertSpec.from_cfg(cfg, "decoder"),  # see ThorTransformerEncoder
+                                   vocab_size=len(dictionary))
         self._layers_built = 0
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn,
                          output_projection=output_projection)
+
+    def extract_features_scriptable(self, prev_output_tokens, encoder_out=None,
+                                    incremental_state=None, *args, **kwargs):
+        # fairseq feeds only the newest position to the layers when decoding step by step
+        set_token_ids(self, prev_output_tokens if incremental_state is None
+                      else prev_output_tokens[:, -1:])
+        return super().extract_features_scriptable(prev_output_tokens, encoder_out,
+                                                   incremental_state, *args, **kwargs)
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         index, self._layers_built = self._layers_built, self._layers_built + 1

@@ -62,6 +62,8 @@ class ExpertLinear(nn.Module):
             return self._all_experts(x)
         if route.kind == "grouped":
             return self._grouped(x, route)
+        if route.kind == "gated":
+            return self._gated(x, route)
         raise ValueError(f"unknown route kind {route.kind!r}")
 
     def _grouped(self, x: Tensor, route: Route) -> Tensor:
@@ -82,6 +84,30 @@ class ExpertLinear(nn.Module):
         if not self.dispatches:
             out = out.index_select(0, route.restore)  # back to T x B order
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _per_expert(self, rows: Tensor, counts) -> Tensor:
+        weights, biases = self.weight.unbind(0), self.bias.unbind(0)  # see _grouped
+        outs = [F.linear(chunk, weights[e], biases[e])
+                for e, chunk in enumerate(rows.split(counts)) if chunk.size(0) > 0]
+        return torch.cat(outs) if outs else rows.new_zeros(0, self.out_features)
+
+    def _gated(self, x: Tensor, route: Route) -> Tensor:
+        """Routers with capacity, top-2 and combine weights (Switch, GShard, hash baselines).
+
+        fc1 asks the router (``route.decide``) on its own input, fills the shared route in and
+        returns the kept choices in expert order (K x rows); fc2 scales each by its weight and
+        adds it back to its source row; rows with no kept choice get 0.
+        """
+        rows = x.reshape(-1, self.in_features)
+        if self.dispatches:
+            decided = route.decide(rows)
+            route.order, route.weights, route.counts = decided.order, decided.weights, decided.counts
+            route.source_shape = tuple(x.shape[:-1])
+            return self._per_expert(rows.index_select(0, route.order), route.counts)
+        out = self._per_expert(rows, route.counts) * route.weights.to(rows.dtype).unsqueeze(1)
+        num_rows = math.prod(route.source_shape)
+        combined = out.new_zeros(num_rows, self.out_features).index_add_(0, route.order, out)
+        return combined.view(*route.source_shape, self.out_features)
 
     def _all_experts(self, x: Tensor) -> Tensor:
         # fc1: T x B x C -> E x T x B x F (every expert sees every row); fc2: E x ... -> mean.

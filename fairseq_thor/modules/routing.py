@@ -16,7 +16,7 @@ saves and restores, so recomputation and reruns replay the same experts. Drawing
 means the per-expert row counts are known without a device synchronisation.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum
@@ -46,6 +46,26 @@ class Route:
     order: Optional[Tensor] = None
     restore: Optional[Tensor] = None
     counts: Optional[List[int]] = None
+    # kind ``gated`` (learned or hashed routers, for comparison with THOR): ``decide`` turns the
+    # FFN input rows into the choices; ``order`` then lists the source row of every kept choice
+    # in expert order (a row may appear twice with top-2, or not at all when dropped) and
+    # ``weights`` the combine weight of each.
+    decide: Optional[Callable[[Tensor], "Route"]] = None
+    weights: Optional[Tensor] = None
+    source_shape: Optional[tuple] = None
+
+
+def route_from_choices(experts: Tensor, weights: Tensor, num_experts: int,
+                       rows: Optional[Tensor] = None) -> Route:
+    """A ``gated`` route from a router's choices: ``experts`` / ``weights`` are ``(S, K)``, expert
+    -1 meaning dropped; ``rows`` (S,) maps choice rows to input rows (default: the identity)."""
+    kept = experts >= 0
+    source = torch.arange(experts.size(0), device=experts.device) if rows is None else rows
+    source = source.unsqueeze(1).expand_as(experts)[kept]
+    chosen = experts[kept]
+    order = torch.argsort(chosen, stable=True)
+    return Route(kind="gated", order=source[order], weights=weights[kept][order],
+                 counts=torch.bincount(chosen, minlength=num_experts).tolist())
 
 
 def draw_sentence_experts(mode: str, num_experts: int, batch_size: int) -> Tensor:
