@@ -6,6 +6,10 @@ import torch.distributed as dist
 import fairseq_thor.models.expert_layers as expert_layers
 from conftest import build_model, make_dictionary, random_batch
 from distributed_utils import run_in_processes
+from fairseq import utils as fairseq_utils
+
+from fairseq_thor.criterions.router_stats import collect_decisions
+from fairseq_thor.distributed.trainer import with_all_experts
 from fairseq_thor.distributed.expert_parallel_ffn import ExpertParallelFFN, expert_parameter_names
 from fairseq_thor.modules.routing import route_from_assignment
 
@@ -28,25 +32,29 @@ def use_scripted_routing():
 
 
 def loss_of(model, batch, seed):
+    """Output and a loss with every output weighted differently, plus the routers' aux losses."""
+    torch.manual_seed(100 + seed)  # GShard's gate draws noise: the same draws in both models
     out = model(*batch)[0]
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    return out, (out * weights).sum()
+    aux = sum(d.aux_loss for d in collect_decisions(model))
+    return out, (out * weights).sum() + aux
 
 
 def batches(dictionary):
-    # different sentence counts and lengths per rank: the ranks exchange equal-sized blocks anyway
-    return [random_batch(dictionary, batch_size=3, src_len=5, tgt_len=4, seed=0),
-            random_batch(dictionary, batch_size=2, src_len=7, tgt_len=6, seed=1)]
+    # different sentence counts and lengths per rank: the ranks exchange equal-sized blocks
+    # anyway; the second batch has left padding, which the baseline routers must skip
+    second = random_batch(dictionary, batch_size=2, src_len=7, tgt_len=6, seed=1)
+    second[0][0, :3] = dictionary.pad()
+    return [random_batch(dictionary, batch_size=3, src_len=5, tgt_len=4, seed=0), second]
 
 
-def equivalence_body(rank, world_size):
-    use_scripted_routing()
+def compare_with_one_process(rank, world_size, router):
+    extra = ["--num-experts", str(NUM_EXPERTS), "--expert-router", router]
     dictionary = make_dictionary()
     torch.manual_seed(0)
-    local = build_model(extra=["--num-experts", str(NUM_EXPERTS)], dictionary=dictionary)
+    local = build_model(extra=extra, dictionary=dictionary)
     torch.manual_seed(0)
-    sharded = build_model(extra=["--num-experts", str(NUM_EXPERTS), "--expert-parallel"],
-                          dictionary=dictionary)
+    sharded = build_model(extra=extra + ["--expert-parallel"], dictionary=dictionary)
     local_params = dict(local.named_parameters())
     sharded_params = dict(sharded.named_parameters())
     per_rank = NUM_EXPERTS // world_size
@@ -69,8 +77,8 @@ def equivalence_body(rank, world_size):
     expected, _ = loss_of(local, data[rank], seed=rank)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
-    # backward: shared gradients summed over ranks (what legacy_ddp does) and each rank's expert
-    # gradients equal the one-process gradient of the summed loss
+    # backward: shared gradients summed over ranks (what legacy_ddp does; the gates' included)
+    # and each rank's expert gradients equal the one-process gradient of the summed loss
     loss.backward()
     total = sum(loss_of(local, data[r], seed=r)[1] for r in range(world_size))
     total.backward()
@@ -83,9 +91,30 @@ def equivalence_body(rank, world_size):
             torch.testing.assert_close(sharded_params[name].grad,
                                        local_params[canonical].grad[rank * per_rank + j],
                                        rtol=1e-4, atol=1e-5)
+    return sharded, local
 
 
-def test_two_processes_match_one_process():
+def equivalence_body(rank, world_size):
+    use_scripted_routing()  # THOR's random draws replaced by one fixed assignment in both
+    for router in ("stochastic", "switch", "gshard", "hash"):
+        sharded, local = compare_with_one_process(rank, world_size, router)
+
+    # gradient clipping: the trainer's norm over shared parameters + all ranks' experts is the
+    # one-process norm, and clipping leaves every rank with the one-process gradients
+    max_norm = 0.01
+    norm = fairseq_utils.clip_grad_norm_(list(sharded.parameters()), max_norm,
+                                         aggregate_norm_fn=with_all_experts(sharded.parameters(), None))
+    expected = torch.nn.utils.clip_grad_norm_(list(local.parameters()), max_norm)
+    torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
+    local_params = dict(local.named_parameters())
+    for canonical, slices in expert_parameter_names(sharded):
+        for j, name in enumerate(slices):
+            torch.testing.assert_close(dict(sharded.named_parameters())[name].grad,
+                                       local_params[canonical].grad[rank * (NUM_EXPERTS // 2) + j],
+                                       rtol=1e-4, atol=1e-7)
+
+
+def test_two_processes_match_one_process_for_every_router():
     run_in_processes(equivalence_body, 2)
 
 
@@ -131,3 +160,27 @@ def test_expert_parallel_needs_a_distributed_run():
     with pytest.raises(ValueError, match="fairseq-thor-consolidate CHECKPOINT"):
         build_model(extra=["--num-experts", "2", "--expert-parallel"])
     assert not any(isinstance(m, ExpertParallelFFN) for m in build_model().modules())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ddp_backend": "c10d"}, "--expert-parallel needs --ddp-backend legacy_ddp"),
+    ({"fp16": True}, "needs --fp16-no-flatten-grads"),
+    ({"bf16": True}, "needs --fp16-no-flatten-grads"),
+])
+def test_training_settings_that_would_mix_up_expert_gradients_are_refused(change, message):
+    from omegaconf import OmegaConf
+
+    from fairseq_thor.distributed.trainer import check_expert_parallel_config
+
+    def cfg(**c):
+        common = {"fp16": False, "bf16": False, "memory_efficient_fp16": False,
+                  "memory_efficient_bf16": False, "fp16_no_flatten_grads": False}
+        dt = {"ddp_backend": "legacy_ddp"}
+        for k, v in c.items():
+            (dt if k in dt else common)[k] = v
+        return OmegaConf.create({"common": common, "distributed_training": dt})
+
+    check_expert_parallel_config(cfg())  # the supported setting passes
+    check_expert_parallel_config(cfg(fp16=True, fp16_no_flatten_grads=True))
+    with pytest.raises(ValueError, match=message):
+        check_expert_parallel_config(cfg(**change))

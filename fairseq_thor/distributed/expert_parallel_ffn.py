@@ -6,59 +6,62 @@ With W processes and E experts every process holds E/W experts of each expert la
 an expert and a slot, an all-to-all sends each row to the process holding its expert, the local
 experts run, and a second all-to-all brings the results home.
 
-THOR has no gate network. ``BalancedRandomGate`` turns the random draw of
-``routing.draw_balanced_experts`` into fairscale's gate contract ``(l_aux, combine_weights,
-dispatch_mask)``. all-to-all exchanges equally sized blocks, so every expert reserves the largest
-number of rows any expert receives on any process (agreed with one all-reduce): no row is dropped,
-ranks with different batch sizes still exchange matching blocks, and the balanced draw keeps the
-padding small.
+THOR has no gate network: its layer draws a balanced random permutation
+(``routing.draw_balanced_experts``), and ``DecisionGate`` turns that draw (or a baseline router's
+choices) into fairscale's gate contract ``(l_aux, combine_weights, dispatch_mask)``. all-to-all
+exchanges equally sized blocks, so every expert reserves the largest number of rows any expert
+receives on any process (agreed with one all-reduce): THOR drops no row, ranks with different
+batch sizes still exchange matching blocks, and the balanced draw keeps the padding small.
 """
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from fairscale.nn.moe import MOELayer
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from ..modules.experts import ExpertLinear
+from ..modules.gate_decision import (
+    GateDecision,
+    decision_to_dispatch,
+    expert_counts,
+    make_decision,
+)
 
 
-class BalancedRandomGate(nn.Module):
-    """fairscale's gate contract for THOR's random routing; ``assignment`` is set for each call.
+class DecisionGate(nn.Module):
+    """fairscale's gate contract ``rows -> (l_aux, combine_weights, dispatch_mask)`` around a
+    ``GateDecision`` made just before the call (THOR's balanced draw, or a baseline router's).
 
-    ``assignment`` holds one expert id per flattened row; ``-1`` marks a row that goes nowhere
-    (padding added for MOELayer's shape rule), whose output is then zero.
+    all-to-all exchanges equally sized blocks, so the capacity is the largest number of rows any
+    expert receives on any process (one all-reduce): nothing beyond the router's own drops is lost.
     """
 
     def __init__(self, num_experts: int, group):
         super().__init__()
         self.num_experts = num_experts
         self.group = group
-        self.assignment: Optional[Tensor] = None
+        self.decision: Optional[GateDecision] = None
 
     def forward(self, rows: Tensor) -> Tuple[Tensor, Tensor, Tensor]:  # rows: S x C
-        experts = self.assignment
-        if experts is None or experts.numel() != rows.size(0):
-            raise RuntimeError("BalancedRandomGate needs an assignment of one expert per row")
-        device = rows.device
-        experts = experts.to(device)
-        kept = (experts >= 0).nonzero().squeeze(1)
-        kept_experts = experts[kept]
-        counts = torch.bincount(kept_experts, minlength=self.num_experts)
-        capacity = counts.max().reshape(1)
+        decision = self.decision
+        if decision is None or decision.experts.size(0) != rows.size(0):
+            raise RuntimeError("DecisionGate needs a decision for every row")
+        capacity = expert_counts(decision, self.num_experts).max().reshape(1).to(rows.device)
         dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.group)
-        # slot of a row = how many earlier rows went to the same expert
-        order = torch.argsort(kept_experts, stable=True)
-        first_of_expert = torch.cumsum(counts, 0) - counts
-        slots = torch.empty_like(kept_experts)
-        slots[order] = torch.arange(kept.numel(), device=device) - first_of_expert[kept_experts[order]]
-        dispatch = torch.zeros(rows.size(0), self.num_experts, int(capacity.item()),
-                               dtype=torch.bool, device=device)  # S x E x C
-        dispatch[kept, kept_experts, slots] = True
-        no_aux_loss = rows.new_zeros(())
-        return no_aux_loss, dispatch.to(rows.dtype), dispatch
+        combine, dispatch = decision_to_dispatch(decision, self.num_experts, int(capacity.item()))
+        return decision.aux_loss, combine.to(rows.dtype), dispatch  # S x E x C each
+
+
+def random_decision(experts: Tensor, num_experts: int, device: torch.device) -> GateDecision:
+    """THOR's draw as a decision: one expert per row (``experts``, any shape), weight 1, no loss."""
+    experts = experts.reshape(-1, 1).to(device)
+    zero = torch.zeros((), device=device)
+    return make_decision(experts, torch.ones(experts.shape, device=device), num_experts, zero, zero)
 
 
 class ExpertFFN(nn.Module):
@@ -123,36 +126,37 @@ class ExpertParallelFFN(nn.Module):
         )
         # MOELayer tags every expert parameter with `expert = True`: fairseq's legacy_ddp then
         # leaves their gradients alone (each process owns different experts).
-        self.moe = MOELayer(BalancedRandomGate(num_experts, group), local, group)
-        self.assignment: Optional[Tensor] = None
+        self.moe = MOELayer(DecisionGate(num_experts, group), local, group)
+        self.decide: Optional[Callable[[Tensor], GateDecision]] = None
 
     def forward(self, x: Tensor) -> Tensor:  # T x B x C
-        if self.assignment is None:
+        if self.decide is None:
             raise RuntimeError("ExpertParallelFFN was called outside its layer's routing context")
-        # MOELayer wants an (s, t, m) input whose s is a multiple of the local expert count:
-        # feed it S x 1 x C rows, padded with rows that the gate sends nowhere. fairscale
-        # dispatches with a float32 mask, so the exchange runs in float32.
+        # fairscale dispatches with a float32 mask, so the exchange runs in float32
         rows = x.reshape(-1, x.size(-1)).float()
+        decision = self.decide(rows)
+        # MOELayer wants an (s, t, m) input whose s is a multiple of the local expert count:
+        # feed it S x 1 x C rows, padded with rows that go nowhere (expert -1)
         pad = -rows.size(0) % self.num_local
-        experts = self.assignment.reshape(-1)
         if pad:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.size(1))])
-            experts = torch.cat([experts, experts.new_full((pad,), -1)])
-        self.moe.gate.assignment = experts
+            decision = replace(decision, experts=F.pad(decision.experts, (0, 0, 0, pad), value=-1),
+                               weights=F.pad(decision.weights, (0, 0, 0, pad)))
+        self.moe.gate.decision = decision
         try:
             out = self.moe(rows.unsqueeze(1))
         finally:
-            self.moe.gate.assignment = None
+            self.moe.gate.decision = None
         return out[: x.size(0) * x.size(1)].view(x.shape).to(x.dtype)
 
     @contextmanager
-    def assigned(self, experts: Tensor):
-        """Route the next call: ``experts`` holds an expert id per row, shaped like ``T x B``."""
-        self.assignment = experts
+    def decided_by(self, decide: Callable[[Tensor], GateDecision]):
+        """Route the next call: ``decide`` maps the S x C input rows to a decision for each."""
+        self.decide = decide
         try:
             yield
         finally:
-            self.assignment = None
+            self.decide = None
 
 
 def expert_parameter_names(model: nn.Module) -> List[Tuple[str, List[str]]]:

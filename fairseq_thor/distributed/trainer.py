@@ -163,16 +163,22 @@ class ExpertParallelTrainer(Trainer):
     def clip_grad_norm(self, clip_norm):
         if not self.expert_parallel:
             return super().clip_grad_norm(clip_norm)
-        optimizer_params = list(self.optimizer.params)  # fp32 copies under --fp16-no-flatten-grads
-        group = self.data_parallel_process_group
+        # the optimizer's params: fp32 copies under --fp16-no-flatten-grads, still tagged
+        add_experts = with_all_experts(list(self.optimizer.params), self.data_parallel_process_group)
+        return self.optimizer.clip_grad_norm(clip_norm, aggregate_norm_fn=add_experts)
 
-        def add_all_experts(shared_norm):
-            # fairseq's clip_grad_norm_ measures the shared parameters; add every rank's experts
-            expert_sq = shared_norm.new_zeros((), dtype=torch.float32)
-            for p in optimizer_params:
-                if getattr(p, "expert", False) and p.grad is not None:
-                    expert_sq = expert_sq + p.grad.detach().float().pow(2).sum()
-            dist.all_reduce(expert_sq, group=group)
-            return (shared_norm.float() ** 2 + expert_sq).sqrt()
 
-        return self.optimizer.clip_grad_norm(clip_norm, aggregate_norm_fn=add_all_experts)
+def with_all_experts(params, group):
+    """``aggregate_norm_fn`` for fairseq's ``clip_grad_norm_``, which measures only the shared
+    (untagged) parameters: add the gradients of every rank's experts, so the norm is the one
+    a single process holding all experts would compute, identical on every rank."""
+
+    def aggregate(shared_norm: torch.Tensor) -> torch.Tensor:
+        expert_sq = torch.zeros((), dtype=torch.float32, device=shared_norm.device)
+        for p in params:
+            if getattr(p, "expert", False) and p.grad is not None:
+                expert_sq = expert_sq + p.grad.detach().float().pow(2).sum()
+        dist.all_reduce(expert_sq, group=group)
+        return (shared_norm.float() ** 2 + expert_sq).sqrt()
+
+    return aggregate

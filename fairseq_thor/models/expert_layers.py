@@ -8,6 +8,7 @@ layer is numerically a vanilla fairseq layer holding expert k's FFN weights.
 With ``--expert-parallel`` the FFN slot holds an ``ExpertParallelFFN`` instead (this process's
 share of the experts behind fairscale's MOELayer) and the route is a balanced random draw.
 """
+from dataclasses import replace
 from typing import Dict, Optional
 
 import torch
@@ -18,8 +19,9 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor, nn
 
-from ..distributed.expert_parallel_ffn import ExpertParallelFFN
+from ..distributed.expert_parallel_ffn import ExpertParallelFFN, random_decision
 from ..modules.experts import ExpertLinear, routed
+from ..modules.gate_decision import GateDecision
 from ..modules.gates import HashGate, SwitchGate, Top2Gate
 from ..modules.routing import (
     PER_SENTENCE_MODES,
@@ -74,22 +76,35 @@ class ExpertFFNMixin:
         elif spec.router == "hash":
             self.gate = HashGate(spec.num_experts, spec.vocab_size)
 
-    def _gated_route(self, pad_rows: Optional[Tensor]) -> Route:
-        """Route for a baseline router; padding rows (``pad_rows``, T x B) take no capacity."""
+    def _router_decision(self, rows: Tensor, pad_rows: Optional[Tensor]):
+        """A baseline router's decision for the non-padding rows (padding takes no capacity);
+        returns it with the indices of those rows (None: all rows). Kept for the criterion."""
+        keep = None
+        if pad_rows is not None:
+            keep = (~pad_rows.t().reshape(-1)).nonzero().squeeze(1).to(rows.device)  # B x T -> rows
+        inputs = self.token_ids if self.spec.router == "hash" else rows
+        if keep is not None:
+            inputs = inputs.index_select(0, keep.to(inputs.device))
+        self.last_decision = self.gate(inputs)
+        return self.last_decision, keep
 
+    def _gated_route(self, pad_rows: Optional[Tensor]) -> Route:
         def decide(rows: Tensor) -> Route:
-            keep = None if pad_rows is None else (~pad_rows.t().reshape(-1)).nonzero().squeeze(1)
-            if self.spec.router == "hash":
-                inputs = self.token_ids
-            else:
-                inputs = rows
-            if keep is not None:
-                inputs = inputs.index_select(0, keep.to(inputs.device))
-            self.last_decision = self.gate(inputs)
-            return route_from_choices(self.last_decision.experts, self.last_decision.weights,
-                                      self.spec.num_experts, rows=keep)
+            decision, keep = self._router_decision(rows, pad_rows)
+            return route_from_choices(decision.experts, decision.weights, self.spec.num_experts,
+                                      rows=keep)
 
         return Route(kind="gated", decide=decide)
+
+    def _expert_parallel_decision(self, rows: Tensor, pad_rows: Optional[Tensor]) -> GateDecision:
+        decision, keep = self._router_decision(rows, pad_rows)
+        if keep is None:
+            return decision
+        choices = decision.experts.size(1)
+        experts = decision.experts.new_full((rows.size(0), choices), -1)
+        weights = decision.weights.new_zeros((rows.size(0), choices))
+        experts[keep], weights[keep] = decision.experts, decision.weights
+        return replace(decision, experts=experts, weights=weights)
 
     def _hand_ffn_to_experts(self):
         """Expert parallelism: activation and its dropout now run inside the experts."""
@@ -100,17 +115,21 @@ class ExpertFFNMixin:
     def routing(self, x: Tensor, sentence_experts: Optional[Tensor] = None,
                 pad_rows: Optional[Tensor] = None):
         """Context manager that routes this layer call (x: T x B x C; pad_rows: B x T)."""
-        if self.spec.router != "stochastic":
-            return routed(self._gated_route(pad_rows), self.fc1, self.fc2)
+        gated = self.spec.router != "stochastic"
         if not self.spec.expert_parallel:
+            if gated:
+                return routed(self._gated_route(pad_rows), self.fc1, self.fc2)
             return routed(self.make_route(x, sentence_experts), self.fc1, self.fc2)
+        if gated:
+            return self.fc1.decided_by(lambda rows: self._expert_parallel_decision(rows, pad_rows))
         seq_len, batch_size = x.shape[0], x.shape[1]
         mode = self.routing_mode
         if mode == "fixed":
             experts = torch.full((seq_len, batch_size), self.spec.inference_expert, dtype=torch.long)
         else:
             experts = draw_balanced_experts(mode, self.spec.num_experts, seq_len, batch_size)
-        return self.fc1.assigned(experts)
+        return self.fc1.decided_by(
+            lambda rows: random_decision(experts, self.spec.num_experts, rows.device))
 
     @property
     def routing_mode(self) -> str:

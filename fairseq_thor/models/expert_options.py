@@ -183,9 +183,6 @@ def validate_expert_args(cfg):
     router = getattr(cfg, "expert_router", None) or "stochastic"
     if router not in ROUTERS:
         raise ValueError(f"--expert-router {router!r}; valid: {', '.join(ROUTERS)}")
-    if router != "stochastic" and getattr(cfg, "expert_parallel", False):
-        raise ValueError(f"--expert-router {router} does not support --expert-parallel yet; "
-                         f"expert parallelism routes with the stochastic (THOR) router")
     capacity_factor = getattr(cfg, "capacity_factor", None)
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"--capacity-factor must be > 0, got {cfg.capacity_factor}")
