@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean-venv bench multilingual
+.PHONY: venv demo test clean-venv bench multilingual compare
 
 venv: $(STAMP)
 
@@ -37,3 +37,8 @@ clean-venv:
 # examples/multilingual/README.md for its knobs).
 multilingual: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/multilingual/run.sh
+
+# Dense vs THOR vs Switch vs GShard top-2 vs hash on the gettext de->en corpus, same updates
+# (~50 min on 2 idle cores); table + plot in benchmarks/results/compare/.
+compare: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/compare.py

@@ -26,8 +26,12 @@ setup(
         "sacrebleu>=2.0",
         "sentencepiece>=0.1.99",
     ],
-    extras_require={"test": ["pytest>=7", "sacremoses>=0.2", "subword-nmt>=0.3.8"],
-                    "recipes": ["sacremoses>=0.2", "subword-nmt>=0.3.8"]},  # examples/iwslt14_de_en, wmt16_en_de
+    extras_require={
+        # matplotlib: benchmarks/compare.py's validation-loss plot (its toy run is a test)
+        "test": ["pytest>=7", "sacremoses>=0.2", "subword-nmt>=0.3.8", "matplotlib>=3.5"],
+        "recipes": ["sacremoses>=0.2", "subword-nmt>=0.3.8"],  # examples/iwslt14_de_en, wmt16_en_de
+        "bench": ["matplotlib>=3.5"],
+    },
     entry_points={
         "console_scripts": [
             "fairseq-thor-user-dir=fairseq_thor.path:main",
