@@ -166,6 +166,7 @@ def test_expert_parallel_needs_a_distributed_run():
     ({"ddp_backend": "c10d"}, "--expert-parallel needs --ddp-backend legacy_ddp"),
     ({"fp16": True}, "needs --fp16-no-flatten-grads"),
     ({"bf16": True}, "needs --fp16-no-flatten-grads"),
+    ({"eval_bleu": True}, "--eval-bleu decodes step by step"),
 ])
 def test_training_settings_that_would_mix_up_expert_gradients_are_refused(change, message):
     from omegaconf import OmegaConf
@@ -175,10 +176,10 @@ def test_training_settings_that_would_mix_up_expert_gradients_are_refused(change
     def cfg(**c):
         common = {"fp16": False, "bf16": False, "memory_efficient_fp16": False,
                   "memory_efficient_bf16": False, "fp16_no_flatten_grads": False}
-        dt = {"ddp_backend": "legacy_ddp"}
+        dt, task = {"ddp_backend": "legacy_ddp"}, {"eval_bleu": False}
         for k, v in c.items():
-            (dt if k in dt else common)[k] = v
-        return OmegaConf.create({"common": common, "distributed_training": dt})
+            (dt if k in dt else task if k in task else common)[k] = v
+        return OmegaConf.create({"common": common, "distributed_training": dt, "task": task})
 
     check_expert_parallel_config(cfg())  # the supported setting passes
     check_expert_parallel_config(cfg(fp16=True, fp16_no_flatten_grads=True))

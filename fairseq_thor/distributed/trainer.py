@@ -37,6 +37,12 @@ def check_expert_parallel_config(cfg):
             f"--expert-parallel needs --ddp-backend legacy_ddp (got {backend}): it is the backend "
             f"that leaves expert gradients (parameters tagged `expert`) out of the all-reduce"
         )
+    if getattr(cfg.task, "eval_bleu", False):
+        raise ValueError(
+            "--eval-bleu decodes step by step, which an --expert-parallel model cannot do across "
+            "processes (ranks would finish at different steps); validate on loss, and score BLEU "
+            "after fairseq-thor-consolidate"
+        )
     common = cfg.common
     if (common.fp16 or common.bf16) and not (common.memory_efficient_fp16 or
                                              common.memory_efficient_bf16 or
