@@ -39,7 +39,7 @@ import compare_report as report  # noqa: E402
 
 USER_DIR = os.path.join(REPO, "fairseq_thor")
 BIN = os.path.dirname(sys.executable)  # fairseq's CLIs next to this python (the venv)
-GATED = ["--capacity-factor", "1.0", "--criterion", "moe_label_smoothed_cross_entropy",
+GATED = ["--capacity-factor", "{capacity_factor}", "--criterion", "moe_label_smoothed_cross_entropy",
          "--moe-aux-loss-weight", "0.01"]
 # name -> (training flags after --num-experts, experts per token in an expert layer)
 MODELS = {
@@ -112,7 +112,7 @@ def train_command(args, name: str, save_dir: str) -> list:
         "--encoder-ffn-embed-dim", f, "--decoder-ffn-embed-dim", f,
         "--encoder-attention-heads", H, "--decoder-attention-heads", H,
         "--num-experts", 1 if name == "dense" else args.num_experts,
-        *(flag.format(alpha=args.alpha) for flag in flags), "--label-smoothing", "0.1",
+        *(flag.format(alpha=args.alpha, capacity_factor=args.capacity_factor) for flag in flags), "--label-smoothing", "0.1",
         # the demo's optimisation settings
         "--dropout", "0.1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
         "--lr", args.lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", args.warmup,
@@ -188,6 +188,8 @@ def parse_args(argv=None):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None,
                        help=f"default {value} ({TOY[key]} with --toy)")
     p.add_argument("--alpha", type=float, default=1.0, help="THOR --consistency-alpha (the demo's)")
+    p.add_argument("--capacity-factor", type=float, default=1.0,
+                   help="Switch/GShard --capacity-factor (Switch Transformer uses 1.0-1.25)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--remove-bpe", default="sentencepiece", help="fairseq-generate's, or 'none'")

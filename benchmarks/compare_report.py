@@ -173,6 +173,7 @@ def markdown(result: dict) -> str:
         f"Data `{cfg['data']}`; {cfg['layers']}+{cfg['layers']} layers, d={cfg['embed_dim']}, "
         f"FFN {cfg['ffn_dim']}, E={cfg['num_experts']} experts in every other layer, "
         f"max tokens {cfg['max_tokens']}, seed {cfg['seed']}, THOR alpha {cfg['alpha']}, "
+        f"Switch/GShard capacity factor {cfg.get('capacity_factor', 1.0)}, "
         f"device {cfg['device']}, threads {cfg['threads'] or 'default'}. "
         f"Test split decoded with beam 5; detokenized sacreBLEU against {cfg['references']}.",
         "",
