@@ -14,7 +14,6 @@ IN may be a one-process THOR checkpoint or any file of an expert-sharded one.
 """
 import argparse
 import dataclasses
-from argparse import Namespace
 
 from fairseq import checkpoint_utils
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterionConfig
@@ -22,7 +21,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.tasks.translation import TranslationConfig
 
 from . import compat
-from .distributed.consolidate import load_any
+from .distributed.consolidate import as_dict, load_any
 
 STOCK_TASKS = {"translation_thor": "translation",
                "translation_multi_simple_epoch_thor": "translation_multi_simple_epoch"}
@@ -32,10 +31,6 @@ THOR_TASK_OPTIONS = {"inference_routing", "inference_expert", "inference_level",
 
 def merged_model(model: dict, expert_tensors) -> dict:
     return {k: (v.mean(dim=0) if k in expert_tensors else v) for k, v in model.items()}
-
-
-def as_dict(section):
-    return dict(vars(section)) if isinstance(section, Namespace) else dict(section or {})
 
 
 def dense_model_config(model_cfg) -> dict:

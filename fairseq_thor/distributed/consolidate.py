@@ -36,9 +36,13 @@ def set_model_option(state: dict, name: str, value):
             holder[name] = value
 
 
+def as_dict(section) -> dict:
+    """A copy of a checkpoint config section: a Namespace (legacy models and tasks) or a dict."""
+    return dict(vars(section)) if isinstance(section, Namespace) else dict(section or {})
+
+
 def model_option(state: dict, name: str):
-    model = (state.get("cfg") or {}).get("model") or state.get("args")
-    return getattr(model, name, None) if isinstance(model, Namespace) else (model or {}).get(name)
+    return as_dict((state.get("cfg") or {}).get("model") or state.get("args")).get(name)
 
 
 def one_process_meta(state: dict) -> dict:

@@ -104,8 +104,6 @@ def _stack(values: List):
 
 
 def _unstack(value, count: int) -> List:
-    if isinstance(value, Tensor) and value.dim() > 0 and value.size(0) != count:
-        raise ValueError(f"expected {count} experts, found {value.size(0)}")
     return _divide(value, count, lambda t, n: t.unbind(0))
 
 
@@ -192,21 +190,20 @@ def split_for_rank(state: dict, param_names: List[str], expert_names: ExpertName
     return rank_state, shared
 
 
-def check_shards(shared: dict, ranks: Sequence[dict], prefix: str):
-    """Clear errors for shards that do not belong together."""
+def check_shard(shared: dict, rank_state: dict, rank: int, prefix: str):
+    """Clear errors for a rank file that does not belong with ``shared``."""
     meta = shared.get("expert_parallel")
     if meta is None:
         raise ValueError(f"{shared_path(prefix)} is not the shared file of an expert-sharded checkpoint")
-    for r, rank_state in enumerate(ranks):
-        theirs = rank_state.get("expert_parallel", {})
-        if theirs.get("rank") != r or theirs.get("world_size") != meta["world_size"]:
-            raise ValueError(f"{rank_path(prefix, r)} was saved as rank {theirs.get('rank')} of "
-                             f"{theirs.get('world_size')}, expected rank {r} of {meta['world_size']}")
-        if theirs.get("fingerprint") != meta["fingerprint"]:
-            raise ValueError(
-                f"{rank_path(prefix, r)} and {shared_path(prefix)} come from different saves "
-                f"(an interrupted save, or files copied over each other); use another checkpoint"
-            )
+    theirs = rank_state.get("expert_parallel", {})
+    if theirs.get("rank") != rank or theirs.get("world_size") != meta["world_size"]:
+        raise ValueError(f"{rank_path(prefix, rank)} was saved as rank {theirs.get('rank')} of "
+                         f"{theirs.get('world_size')}, expected rank {rank} of {meta['world_size']}")
+    if theirs.get("fingerprint") != meta["fingerprint"]:
+        raise ValueError(
+            f"{rank_path(prefix, rank)} and {shared_path(prefix)} come from different saves "
+            f"(an interrupted save, or files copied over each other); use another checkpoint"
+        )
 
 
 def merge_for_rank(shared: dict, rank_state: dict, param_names: List[str],
@@ -318,5 +315,6 @@ def read_shards(path: str) -> Tuple[str, dict, List[dict]]:
         raise FileNotFoundError(f"the checkpoint was saved by {world_size} ranks but these files are "
                                 f"missing: {', '.join(missing)}")
     ranks = [first] + [load(rank_path(prefix, r)) for r in range(1, world_size)]
-    check_shards(shared, ranks, prefix)
+    for r, rank_state in enumerate(ranks):
+        check_shard(shared, rank_state, r, prefix)
     return prefix, shared, ranks

@@ -121,28 +121,30 @@ class ExpertParallelTrainer(Trainer):
                                            optimizer_overrides, reset_meters)
         rank, world = self.data_parallel_rank, self.data_parallel_world_size
         prefix = shards.checkpoint_prefix(filename)
-        found = [None] * world
-        dist.all_gather_object(found, os.path.isfile(shards.rank_path(prefix, rank)),
-                               group=self.data_parallel_process_group)
-        if not any(found):
+        own = shards.rank_path(prefix, rank)
+        rank_state = shards.load(own) if os.path.isfile(own) else None
+        # every rank learns which ranks have a file and the world size they were saved with
+        saved = [None] * world
+        dist.all_gather_object(
+            saved, rank_state and rank_state.get("expert_parallel", {}).get("world_size", -1),
+            group=self.data_parallel_process_group)
+        if all(w is None for w in saved):
             if os.path.isfile(filename) and not os.path.isfile(shards.shared_path(prefix)):
                 raise ValueError(
                     f"{filename} is a one-process checkpoint; split it for expert parallelism "
                     f"with: fairseq-thor-reshard {filename} --world-size {world} --out <prefix>"
                 )
-            return super().load_checkpoint(shards.rank_path(prefix, rank), reset_optimizer,
-                                           reset_lr_scheduler, optimizer_overrides, reset_meters)
-        first = shards.load(shards.rank_path(prefix, 0)) if found[0] else {}
-        saved_world = first.get("expert_parallel", {}).get("world_size")
-        if saved_world != world or not all(found):
+            return super().load_checkpoint(own, reset_optimizer, reset_lr_scheduler,
+                                           optimizer_overrides, reset_meters)
+        saved_world = next(w for w in saved if w is not None)
+        if any(w != world for w in saved):
             raise ValueError(
                 f"{prefix} was saved by {saved_world} expert-parallel ranks, this run has {world}; "
                 f"reshard it first: fairseq-thor-reshard {shards.rank_path(prefix, 0)} "
                 f"--world-size {world} --out <new prefix>"
             )
-        rank_state = shards.load(shards.rank_path(prefix, rank))
         shared = shards.shared_for(prefix, rank_state)
-        self._check_own_shard(shared, rank_state, prefix, rank)
+        shards.check_shard(shared, rank_state, rank, prefix)
         state = shards.merge_for_rank(shared, rank_state, self._param_names(),
                                       expert_parameter_names(self._model))
         # fairseq's loader reads a file: hand it this rank's merged state as one
@@ -154,15 +156,6 @@ class ExpertParallelTrainer(Trainer):
                                            optimizer_overrides, reset_meters)
         finally:
             os.remove(f.name)
-
-    @staticmethod
-    def _check_own_shard(shared, rank_state, prefix, rank):
-        meta, theirs = shared["expert_parallel"], rank_state.get("expert_parallel", {})
-        if theirs.get("rank") != rank or theirs.get("fingerprint") != meta["fingerprint"]:
-            raise ValueError(
-                f"{shards.rank_path(prefix, rank)} and {shards.shared_path(prefix)} come from "
-                f"different saves (an interrupted save, or files copied over each other)"
-            )
 
     # ---- gradient clipping ------------------------------------------------------------------
 
