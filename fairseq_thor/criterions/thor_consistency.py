@@ -3,6 +3,11 @@
 In training the model runs twice on the same batch; each pass draws its own experts, so the two
 predictions differ and the regulariser pulls them together. Evaluation (validation) uses a single
 pass and is exactly fairseq's label-smoothed cross-entropy. Works with any translation task.
+
+``--consistency-alpha-warmup-updates N`` ramps the weight from 0 to alpha over the first N updates
+(the full weight slows early fitting; see the README). fairseq hands the update number to the
+task's ``train_step``, not to the criterion, so the ramp needs a THOR task, which passes it on
+(``set_num_updates``).
 """
 import math
 from dataclasses import dataclass, field
@@ -19,6 +24,24 @@ from ..modules.consistency import symmetric_kl
 from .router_stats import collect_decisions
 from ..shared_flags import add_dataclass_args_once
 
+
+def consistency_weight(alpha: float, warmup_updates: int, num_updates: int) -> float:
+    """The weight of the KL term at update ``num_updates`` (0 for the first update):
+    ``alpha * min(1, num_updates / warmup_updates)``, or ``alpha`` when ``warmup_updates`` is 0."""
+    if warmup_updates == 0:
+        return alpha
+    return alpha * min(1.0, num_updates / warmup_updates)
+
+
+def check_schedule(alpha, warmup_updates) -> None:
+    """Refuse a weight or warm-up fairseq's parser lets through (``nan``, ``inf``) or a caller passes."""
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha < math.inf:
+        raise ValueError(f"--consistency-alpha must be >= 0 and finite (0 <= A < inf), got {alpha}")
+    if not isinstance(warmup_updates, int) or isinstance(warmup_updates, bool) or warmup_updates < 0:
+        raise ValueError("--consistency-alpha-warmup-updates must be a whole number of updates >= 0 "
+                         f"(0 = no warm-up), got {warmup_updates!r}")
+
+
 # Measured on the demo's budget (see README): the paper's alpha = 5 slows fitting in short runs.
 DEFAULT_CONSISTENCY_ALPHA = 1.0
 CONSISTENCY_ALPHA_HELP = (
@@ -32,17 +55,37 @@ class ThorConsistencyConfig(LabelSmoothedCrossEntropyCriterionConfig):
     consistency_alpha: float = field(
         default=DEFAULT_CONSISTENCY_ALPHA, metadata={"help": CONSISTENCY_ALPHA_HELP}
     )
+    consistency_alpha_warmup_updates: int = field(
+        default=0,
+        metadata={"help": "ramp the consistency weight linearly from 0 at the first update to "
+                          "--consistency-alpha at update N, then keep it (weight = alpha * "
+                          "min(1, update / N)); 0 uses --consistency-alpha from the start. Needs "
+                          "--task translation_thor or translation_multi_simple_epoch_thor"},
+    )
 
 
 @register_criterion("thor_consistency", dataclass=ThorConsistencyConfig)
 class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, sentence_avg, label_smoothing, consistency_alpha,
-                 ignore_prefix_size=0, report_accuracy=False):
+                 consistency_alpha_warmup_updates=0, ignore_prefix_size=0, report_accuracy=False):
         super().__init__(task, sentence_avg, label_smoothing,
                          ignore_prefix_size=ignore_prefix_size, report_accuracy=report_accuracy)
-        if consistency_alpha is None or consistency_alpha < 0:
-            raise ValueError(f"--consistency-alpha must be >= 0, got {consistency_alpha}")
+        check_schedule(consistency_alpha, consistency_alpha_warmup_updates)
         self.alpha = consistency_alpha
+        self.warmup_updates = consistency_alpha_warmup_updates
+        self.num_updates = None  # set by the task before each training step
+
+    def set_num_updates(self, num_updates: int):
+        """fairseq's update number (the trainer's count, restored on resume), from the task."""
+        self.num_updates = num_updates
+
+    def current_alpha(self) -> float:
+        if self.warmup_updates and self.num_updates is None:
+            raise ValueError(
+                "--consistency-alpha-warmup-updates needs the update number, which fairseq gives the "
+                "task, not the criterion: train with --task translation_thor or "
+                "translation_multi_simple_epoch_thor (they pass it on)")
+        return consistency_weight(self.alpha, self.warmup_updates, self.num_updates or 0)
 
     @classmethod
     def add_args(cls, parser):
@@ -71,13 +114,16 @@ class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
         consistency = symmetric_kl(lprobs[0], lprobs[1], pad_mask, reduce=reduce)
         if not reduce:
             consistency = consistency.view_as(losses[0])
-        loss = losses[0] + losses[1] + self.alpha * consistency
+        alpha = self.current_alpha()
+        loss = losses[0] + losses[1] + alpha * consistency
 
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = {
             "loss": loss.data,
             "nll_loss": (0.5 * (nll_losses[0] + nll_losses[1])).data,  # per pass, like dense
             "consistency": consistency.data,
+            # x ntokens: logging outputs are summed over micro-batches and workers
+            "consistency_alpha": alpha * sample["ntokens"],
             "ntokens": sample["ntokens"],
             "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
@@ -96,6 +142,9 @@ class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
             ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
             # symmetric KL per target token, in bits like fairseq's losses
             metrics.log_scalar("consistency", consistency / ntokens / math.log(2), ntokens, round=4)
+            if ntokens > 0:  # the weight the KL term had (ramps under a warm-up)
+                alpha = sum(log.get("consistency_alpha", 0) for log in logging_outputs)
+                metrics.log_scalar("consistency_alpha", alpha / ntokens, ntokens, round=4)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

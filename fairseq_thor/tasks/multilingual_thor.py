@@ -6,7 +6,8 @@ serves many directions. fairseq's ``translation_multi_simple_epoch`` task keeps 
 ``--sampling-method``, ...); this subclass adds:
 
 * THOR's decoding flags (``--inference-routing``, ``--inference-expert``, ``--inference-level``,
-  ``--num-experts``, ``--consistency-alpha``), applied exactly as ``translation_thor`` applies them;
+  ``--num-experts``, ``--consistency-alpha``), applied exactly as ``translation_thor`` applies them,
+  and the update number passed on to the criterion as ``translation_thor`` does;
 * BLEU validation *per direction*: ``--eval-bleu`` (with fairseq's ``--eval-bleu-args``,
   ``--eval-bleu-detok``, ``--eval-bleu-remove-bpe``, ...) logs ``bleu_SRC-TGT`` for every pair and
   their mean as ``bleu``, so ``--best-checkpoint-metric bleu`` selects on all directions;
@@ -38,7 +39,7 @@ from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleE
 from ..shared_flags import add_dataclass_args_once
 from .multilingual_data import DirectionTaggedDataset, check_languages
 from .thor_flags import ThorTaskFlags, build_with_thor_flags
-from .translation_thor import ThorTranslationConfig
+from .translation_thor import PassUpdateNumToCriterion, ThorTranslationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def sacrebleu_score(counts, totals, sys_len, ref_len) -> float:
 
 
 @register_task("translation_multi_simple_epoch_thor")
-class MultilingualThorTask(TranslationMultiSimpleEpochTask):
+class MultilingualThorTask(PassUpdateNumToCriterion, TranslationMultiSimpleEpochTask):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)

@@ -6,6 +6,8 @@
 * Commands written for the reference implementation keep working: ``--inference-level`` (0 token,
   1 sentence), ``--num-experts`` (checked against the checkpoint) and ``--consistency-alpha``
   (used by the THOR criterion in training, accepted and unused when decoding).
+* The criterion learns fairseq's update number (``thor_consistency``'s
+  ``--consistency-alpha-warmup-updates`` needs it): see ``PassUpdateNumToCriterion``.
 * Every sentence of a validation or test split is evaluated: fairseq's ``batch_by_size`` drops a
   final batch whose size is not a multiple of ``--required-batch-size-multiple`` (default 8), so
   outside training this task asks for a multiple of 1.
@@ -25,8 +27,21 @@ class ThorTranslationConfig(TranslationConfig, ThorTaskFlags):
     pass
 
 
+class PassUpdateNumToCriterion:
+    """Tell a criterion that has ``set_num_updates`` the update number before each training step.
+
+    fairseq's Trainer gives ``update_num`` (its count, restored from the checkpoint on resume) to
+    ``task.train_step``, which passes it to the model only; a criterion has no hook of its own.
+    """
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if hasattr(criterion, "set_num_updates"):
+            criterion.set_num_updates(update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+
 @register_task("translation_thor", dataclass=ThorTranslationConfig)
-class ThorTranslationTask(TranslationTask):
+class ThorTranslationTask(PassUpdateNumToCriterion, TranslationTask):
     cfg: ThorTranslationConfig
 
     @classmethod
