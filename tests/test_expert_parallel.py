@@ -118,6 +118,31 @@ def test_two_processes_match_one_process_for_every_router():
     run_in_processes(equivalence_body, 2)
 
 
+def eval_capacity_body(rank, world_size):
+    """Evaluation capacity: the gates decide the drops, the agreed all-to-all capacity follows."""
+    dictionary = make_dictionary()
+    batch = batches(dictionary)[rank]
+    for router in ("switch", "gshard"):
+        extra = ["--num-experts", str(NUM_EXPERTS), "--expert-router", router,
+                 "--capacity-factor", "0.25"]
+        torch.manual_seed(0)
+        local = build_model(extra=extra, dictionary=dictionary).eval()
+        torch.manual_seed(0)
+        sharded = build_model(extra=extra + ["--expert-parallel"], dictionary=dictionary).eval()
+        for factor, drops in ((None, False), (0.25, True)):
+            local.set_eval_capacity_factor(factor)
+            sharded.set_eval_capacity_factor(factor)
+            with torch.no_grad():
+                out = sharded(*batch)[0]
+                dropped = [bool((d.experts < 0).any()) for d in collect_decisions(sharded)]
+                torch.testing.assert_close(out, local(*batch)[0], rtol=1e-5, atol=1e-5)
+            assert dropped and all(d == drops for d in dropped), (router, factor, dropped)
+
+
+def test_evaluation_capacity_under_expert_parallelism():
+    run_in_processes(eval_capacity_body, 2)
+
+
 def balanced_body(rank, world_size):
     """Real (balanced random) routing: sentence and token modes run, every expert gets work."""
     dictionary = make_dictionary()

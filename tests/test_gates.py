@@ -61,7 +61,7 @@ def check_contract(decision, num_experts, capacity=None):
 def test_learned_gates_keep_the_contract(num_rows):
     torch.manual_seed(0)
     x = torch.randn(num_rows, 8)
-    for gate, choices, capacity in [
+    for gate, choices, capacity in [  # capacity in training; evaluation has none by default
         (SwitchGate(8, 4), 1, math.ceil(num_rows / 4)),
         (SwitchGate(8, 4, capacity_factor=0.5), 1, math.ceil(0.5 * num_rows / 4)),
         (Top2Gate(8, 4), 2, 2 * math.ceil(num_rows / 4)),
@@ -70,7 +70,7 @@ def test_learned_gates_keep_the_contract(num_rows):
         for training in (True, False):
             decision = gate.train(training)(x)
             assert decision.experts.shape == (num_rows, choices)
-            check_contract(decision, gate.num_experts, capacity)
+            check_contract(decision, gate.num_experts, capacity if training else None)
 
 
 def test_hash_gate_keeps_the_contract():
@@ -159,14 +159,16 @@ def gshard_top2(probs, capacity):
     return experts, [[g / max(sum(row), 1e-7) for g in row] for row in gates]
 
 
-@pytest.mark.parametrize("num_rows,num_experts,factor", [(7, 4, 1.0), (9, 2, 1.0), (10, 3, 0.5)])
+@pytest.mark.parametrize("num_rows,num_experts,factor",
+                         [(7, 4, 1.0), (9, 2, 1.0), (10, 3, 0.5), (11, 3, None), (16, 2, None)])
 def test_top2_with_any_row_count_routes_like_gshard(num_rows, num_experts, factor):
     torch.manual_seed(num_rows)
-    gate = Top2Gate(6, num_experts, capacity_factor=factor).eval()
+    gate = Top2Gate(6, num_experts, eval_capacity_factor=factor).eval()
     for _ in range(5):
         x = 3 * torch.randn(num_rows, 6)
         decision = gate(x)
-        capacity = 2 * math.ceil(factor * num_rows / num_experts)
+        # no factor: room for all S rows, which no expert can exceed (a row picks it once)
+        capacity = num_rows if factor is None else 2 * math.ceil(factor * num_rows / num_experts)
         experts, weights = gshard_top2(torch.softmax(gate.logits(x), dim=1), capacity)
         assert decision.experts.tolist() == experts
         assert torch.allclose(decision.weights, torch.tensor(weights), atol=1e-6)
@@ -198,6 +200,64 @@ def test_top2_eval_takes_the_runner_up_and_training_samples_it():
     assert gumbel_map == before  # fairscale's noise sampler is restored after eval
     gate.train()
     assert not torch.equal(gate(x).experts[:, 1], runner_up)
+
+
+def one_sided_rows(num_rows, num_experts):
+    """Rows that all put expert 0 first by far, the runner-up cycling through the others."""
+    runner_up = 1 + torch.arange(num_rows) % (num_experts - 1)
+    return peaked_rows(torch.zeros(num_rows, dtype=torch.long), runner_up, num_experts)
+
+
+def slots(gate_cls, share):
+    """Choices an expert takes: its share of rows, twice that for top-2 (fairscale's 2S/E)."""
+    return (2 if gate_cls is Top2Gate else 1) * share
+
+
+@pytest.mark.parametrize("gate_cls", [SwitchGate, Top2Gate])
+def test_evaluation_drops_nothing_by_default_and_training_still_does(gate_cls):
+    x = one_sided_rows(12, 4)
+    gate = identity_gate(gate_cls, 4, capacity_factor=1.0)
+    capacity = slots(gate_cls, 3)  # share ceil(1.0 * 12 / 4)
+    trained = gate.train()(x)
+    check_contract(trained, 4, capacity)
+    assert torch.equal(trained.experts[:, 0], torch.where(torch.arange(12) < capacity, 0, -1))
+    evaluated = gate.eval()(x)
+    check_contract(evaluated, 4)
+    assert (evaluated.experts >= 0).all() and int(evaluated.dropped) == 0
+    assert (evaluated.experts[:, 0] == 0).all()
+    if gate_cls is Top2Gate:
+        assert torch.equal(evaluated.experts[:, 1], 1 + torch.arange(12) % 3)
+
+
+@pytest.mark.parametrize("gate_cls", [SwitchGate, Top2Gate])
+@pytest.mark.parametrize("eval_factor", [0.5, 1.0, 1.5])
+def test_an_explicit_evaluation_capacity_drops_the_overflow_in_row_order(gate_cls, eval_factor):
+    x = one_sided_rows(12, 4)
+    gate = identity_gate(gate_cls, 4, capacity_factor=4.0, eval_capacity_factor=eval_factor)
+    capacity = slots(gate_cls, math.ceil(eval_factor * 12 / 4))
+    decision = gate.eval()(x)
+    check_contract(decision, 4, capacity)
+    # every first choice is expert 0: it takes the first `capacity` rows, the rest lose it
+    assert torch.equal(decision.experts[:, 0], torch.where(torch.arange(12) < capacity, 0, -1))
+    if gate_cls is Top2Gate:  # 4 second choices for each other expert: within capacity
+        assert (decision.experts[:, 1] >= 0).all()
+    else:
+        assert int(decision.dropped) == 12 - capacity
+    assert (gate.train()(x).experts >= 0).all()  # training keeps its own factor, 4: room for all
+
+
+def test_top2_without_a_cap_weights_both_choices_as_fairscale_does():
+    torch.manual_seed(7)
+    x = torch.randn(40, 6)
+    uncapped = Top2Gate(6, 4).eval()
+    roomy = Top2Gate(6, 4, eval_capacity_factor=4.0).eval()  # fairscale's path, nothing dropped
+    roomy.load_state_dict(uncapped.state_dict())
+    a, b = uncapped(x), roomy(x)
+    assert torch.equal(a.experts, b.experts) and (a.experts >= 0).all()
+    torch.testing.assert_close(a.weights, b.weights)
+    torch.testing.assert_close(a.aux_loss, b.aux_loss)
+    a.weights[:, 1].sum().backward()
+    assert uncapped.wg.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("gate_cls", [SwitchGate, Top2Gate])

@@ -1,4 +1,6 @@
 """Baseline routers inside THOR's expert layers: Switch top-1, GShard top-2, hash (vs stochastic)."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ from conftest import build_model, make_dictionary, random_batch
 from fairseq_thor.criterions.router_stats import collect_decisions, router_loss_and_log
 from fairseq_thor.modules.experts import ExpertLinear, routed
 from fairseq_thor.modules.routing import Route, route_from_choices
-from test_cli import make_toy_data, run
+from test_cli import NUM_TEST, hypotheses, make_toy_data, run
 
 ROUTERS = ["switch", "gshard", "hash"]
 
@@ -96,6 +98,37 @@ def test_router_options_are_checked():
         routed_model("top3")
     with pytest.raises(ValueError, match="--capacity-factor must be > 0"):
         routed_model("switch", "--capacity-factor", "0")
+    for bad in ("0", "-1", "inf", "nan"):
+        with pytest.raises(ValueError, match="--eval-capacity-factor must be a finite number > 0"):
+            routed_model("gshard", "--eval-capacity-factor", bad)
+    with pytest.raises(ValueError, match="--eval-capacity-factor must be a finite number > 0"):
+        routed_model("switch").set_eval_capacity_factor(0.0)
+
+
+def dropped_choices(model, training):
+    """Choices the expert layers dropped in one pass over a padded batch, and all choices."""
+    model.train(training)
+    with torch.no_grad():
+        model(*padded_batch())
+    experts = [d.experts for d in collect_decisions(model)]
+    return sum(int((e < 0).sum()) for e in experts), sum(e.numel() for e in experts)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_evaluation_drops_no_token_unless_given_a_capacity(router):
+    # experts with room for a quarter of their even share: training drops many tokens
+    model = routed_model(router, "--capacity-factor", "0.25")
+    gated = router != "hash"  # hash routing has no capacity at all
+    assert (dropped_choices(model, training=True)[0] > 0) == gated
+    dropped, routed = dropped_choices(model, training=False)
+    assert dropped == 0 and routed > 0
+    model.set_eval_capacity_factor(0.25)  # what --eval-capacity-factor does when decoding
+    assert (dropped_choices(model, training=False)[0] > 0) == gated
+    model.set_eval_capacity_factor(None)
+    assert dropped_choices(model, training=False)[0] == 0
+    built = routed_model(router, "--capacity-factor", "4", "--eval-capacity-factor", "0.25")
+    assert dropped_choices(built, training=True)[0] == 0
+    assert (dropped_choices(built, training=False)[0] > 0) == gated
 
 
 @pytest.mark.cli
@@ -115,3 +148,57 @@ def test_each_router_trains_and_decodes_through_the_cli(router, tmp_path_factory
                  "--cpu", "--path", root / "ckpt" / "checkpoint_last.pt", "--gen-subset", "test",
                  "--beam", "2", "--max-len-b", "8")
     assert out.count("\nH-") == 13
+
+
+# fairseq-generate with every learned gate's choices counted (the layers keep only the last
+# decision, and decoding runs no criterion to log them)
+COUNTING_GENERATE = """
+from fairseq_cli.generate import cli_main
+from fairseq_thor.modules.gates import SwitchGate, Top2Gate
+tally = {"choices": 0, "dropped": 0}
+def counted(forward):
+    def counting_forward(self, x):
+        decision = forward(self, x)
+        tally["choices"] += decision.experts.numel()
+        tally["dropped"] += int((decision.experts < 0).sum())
+        return decision
+    return counting_forward
+for gate in (SwitchGate, Top2Gate):
+    gate.forward = counted(gate.forward)
+cli_main()
+print("gate choices {choices} dropped {dropped}".format(**tally))
+"""
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    return make_toy_data(tmp_path_factory.mktemp("eval_capacity"))
+
+
+def generate_counting_drops(data, ckpt, *extra):
+    _, out = run("python", "-c", COUNTING_GENERATE, data, "--user-dir", "fairseq_thor", "--cpu",
+                 "--task", "translation_thor", "--path", ckpt, "--gen-subset", "test",
+                 "--beam", "3", "--max-len-b", "8", *extra)
+    assert len(hypotheses(out)) == NUM_TEST
+    choices, dropped = map(int, re.search(r"^gate choices (\d+) dropped (\d+)$", out, re.M).groups())
+    assert choices > 0
+    return dropped
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("router", ["switch", "gshard"])
+def test_a_small_training_capacity_drops_tokens_in_training_only(router, toy_data, tmp_path):
+    ckpt = tmp_path / "checkpoint_last.pt"
+    _, log = run("fairseq-train", toy_data, "--user-dir", "fairseq_thor", "--cpu", "--task",
+                 "translation_thor", "--arch", "thor_transformer_tiny", "--num-experts", "4",
+                 "--expert-router", router, "--capacity-factor", "0.25",
+                 "--criterion", "moe_label_smoothed_cross_entropy", "--optimizer", "adam",
+                 "--lr", "0.003", "--max-tokens", "1000", "--max-update", "2", "--save-dir", tmp_path,
+                 "--log-format", "simple", "--log-interval", "1", "--no-epoch-checkpoints")
+    train_drops = [float(x) for x in re.findall(r"train_inner .*, dropped=([\d.]+),", log)]
+    assert len(train_drops) == 2 and min(train_drops) > 0.2, log[-3000:]
+    assert re.search(r"valid on 'valid' subset .*\| dropped 0 \|", log), log[-3000:]
+    assert generate_counting_drops(toy_data, ckpt) == 0  # beam search at the default: no cap
+    assert generate_counting_drops(toy_data, ckpt, "--eval-capacity-factor", "0.25") > 0
+    assert generate_counting_drops(
+        toy_data, ckpt, "--model-overrides", "{'eval_capacity_factor': 0.25}") > 0

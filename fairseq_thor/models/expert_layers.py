@@ -34,6 +34,9 @@ from ..modules.routing import (
 from .expert_options import ExpertSpec
 
 
+LEARNED_GATES = {"switch": SwitchGate, "gshard": Top2Gate}
+
+
 def _identity(x: Tensor) -> Tensor:
     return x
 
@@ -69,12 +72,17 @@ class ExpertFFNMixin:
         spec = self.spec
         self.last_decision = None
         self.token_ids: Optional[Tensor] = None  # hash routing: token id of every row, set per call
-        if spec.router == "switch":
-            self.gate = SwitchGate(model_dim, spec.num_experts, spec.capacity_factor)
-        elif spec.router == "gshard":
-            self.gate = Top2Gate(model_dim, spec.num_experts, spec.capacity_factor)
+        if spec.router in LEARNED_GATES:
+            self.gate = LEARNED_GATES[spec.router](model_dim, spec.num_experts,
+                                                   spec.capacity_factor, spec.eval_capacity_factor)
         elif spec.router == "hash":
             self.gate = HashGate(spec.num_experts, spec.vocab_size)
+
+    def set_eval_capacity_factor(self, factor: Optional[float]):
+        """The learned gates' capacity factor outside training (None: no cap)."""
+        self.spec = replace(self.spec, eval_capacity_factor=factor)
+        if self.spec.router in LEARNED_GATES:
+            self.gate.eval_capacity_factor = factor
 
     def _router_decision(self, rows: Tensor, pad_rows: Optional[Tensor]):
         """A baseline router's decision for the non-padding rows (padding takes no capacity);

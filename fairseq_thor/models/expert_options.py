@@ -5,6 +5,7 @@ checkpoint. The inference options can be changed at decoding time through the ta
 ``translation_thor`` or ``--model-overrides``.
 """
 import argparse
+import math
 from dataclasses import dataclass
 from typing import FrozenSet, Optional
 
@@ -27,6 +28,11 @@ EXPERT_LAYERS_HELP = (
     "which layers carry experts: 'alternate' (0, 2, 4, ...: every other layer starting with the "
     "first, as in the paper), 'all', 'none', 'every-N' (0, N, 2N, ...) or a comma-separated list "
     "of 0-based layer indices such as '1,3'"
+)
+EVAL_CAPACITY_HELP = (
+    "switch/gshard: the --capacity-factor used when evaluating and decoding (validation, "
+    "fairseq-generate/-interactive/-validate); default: no cap, so no token is dropped outside "
+    "training"
 )
 
 
@@ -56,7 +62,9 @@ def add_expert_args(parser: argparse.ArgumentParser):
                             "their load-balancing loss through the criterion (default stochastic)")
     group.add_argument("--capacity-factor", type=float, metavar="F",
                        help="switch/gshard: each expert takes at most F x (its even share) of the "
-                            "tokens, the rest are dropped (residual only) (default 1.0)")
+                            "tokens, the rest are dropped (residual only); applies in training "
+                            "(default 1.0)")
+    group.add_argument("--eval-capacity-factor", type=float, metavar="F", help=EVAL_CAPACITY_HELP)
     group.add_argument("--expert-parallel", action="store_true", default=None,
                        help="shard the experts of every expert layer over the W training processes "
                             "(E/W each, exchanged with fairscale's all-to-all MOELayer); needs "
@@ -92,6 +100,7 @@ def set_expert_defaults(args):
         "expert_parallel": False,
         "expert_router": "stochastic",
         "capacity_factor": 1.0,
+        "eval_capacity_factor": None,  # no cap: evaluation drops no token
     }
     for name, default in defaults.items():
         if getattr(args, name, None) is None:
@@ -138,6 +147,7 @@ class ExpertSpec:
     expert_parallel: bool = False
     router: str = "stochastic"
     capacity_factor: float = 1.0
+    eval_capacity_factor: Optional[float] = None
     vocab_size: int = 0  # hash routing's table size, set by the encoder/decoder
 
     @classmethod
@@ -157,6 +167,7 @@ class ExpertSpec:
             expert_parallel=bool(getattr(cfg, "expert_parallel", False)),
             router=getattr(cfg, "expert_router", None) or "stochastic",
             capacity_factor=_unless_none(getattr(cfg, "capacity_factor", None), 1.0),
+            eval_capacity_factor=getattr(cfg, "eval_capacity_factor", None),
         )
 
     def has_experts(self, layer_index: int) -> bool:
@@ -186,11 +197,20 @@ def validate_expert_args(cfg):
     capacity_factor = getattr(cfg, "capacity_factor", None)
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"--capacity-factor must be > 0, got {cfg.capacity_factor}")
+    validate_eval_capacity_factor(getattr(cfg, "eval_capacity_factor", None))
     if getattr(cfg, "expert_parallel", False) and cfg.num_experts < 2:
         raise ValueError("--expert-parallel needs --num-experts >= 2 (a one-expert model is dense)")
     if cfg.expert_routing not in TRAIN_ROUTING:
         raise ValueError(f"--expert-routing {cfg.expert_routing!r}; valid: {', '.join(TRAIN_ROUTING)}")
     validate_inference(cfg)
+
+
+def validate_eval_capacity_factor(factor: Optional[float]):
+    if factor is not None and not (math.isfinite(factor) and factor > 0):
+        raise ValueError(
+            f"--eval-capacity-factor must be a finite number > 0, got {factor}; leave it unset "
+            f"to drop no token when evaluating"
+        )
 
 
 def validate_inference(cfg):

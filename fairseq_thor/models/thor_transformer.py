@@ -6,6 +6,7 @@ and fairseq's own layer everywhere else. With ``--num-experts 1`` every layer is
 model (and its state dict) is exactly a dense transformer.
 """
 from dataclasses import replace
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -26,7 +27,13 @@ from fairseq.modules.transformer_layer import (
 from ..distributed.expert_parallel_ffn import ExpertParallelFFN
 from ..modules.experts import ExpertLinear
 from .expert_layers import ExpertFFNMixin, ThorTransformerDecoderLayer, ThorTransformerEncoderLayer
-from .expert_options import ExpertSpec, add_expert_args, set_expert_defaults, validate_inference
+from .expert_options import (
+    ExpertSpec,
+    add_expert_args,
+    set_expert_defaults,
+    validate_eval_capacity_factor,
+    validate_inference,
+)
 
 
 def wrap_layer(layer, cfg):
@@ -131,6 +138,14 @@ class ThorTransformerModel(TransformerModel):
                 spec = replace(layer.spec, inference_routing=mode, inference_expert=expert)
                 validate_inference(spec)
                 layer.spec = spec
+
+    def set_eval_capacity_factor(self, factor: Optional[float]):
+        """Cap the Switch/GShard experts at ``factor`` x their even share when evaluating and
+        decoding; None drops no token (task flags call this; THOR and hash layers have no cap)."""
+        validate_eval_capacity_factor(factor)
+        for layer in self.modules():
+            if isinstance(layer, ExpertFFNMixin):
+                layer.set_eval_capacity_factor(factor)
 
     def state_dict(self, *args, **kwargs):
         # Stock fairseq-train saves rank 0's state only: with experts sharded over ranks that

@@ -11,11 +11,16 @@ test that on the same expert layers, three classic routers return a :class:`Gate
   Roller et al. 2021, arXiv 2106.04426).
 
 Routers see flattened rows ``(S, M)``; strip padding tokens first, or they take capacity and count
-in the load-balancing loss. Gate logits and softmax are computed in float32 whatever the model's
-dtype (Switch §2.4, "selective precision": the router's exponentials are where bf16/fp16 break).
+in the load-balancing loss. The learned gates drop rows over capacity in training only, unless
+given an evaluation capacity: in validation and decoding a full expert would silently zero a
+token's FFN, and a beam step's few rows overflow easily (DeepSpeed's ``eval_capacity_factor`` and
+fairseq's MoE ``moe_eval_capacity_token_fraction`` separate the two the same way). Gate logits
+and softmax are computed in float32 whatever the model's dtype (Switch §2.4, "selective
+precision": the router's exponentials are where bf16/fp16 break).
 """
 import math
 from contextlib import contextmanager, nullcontext
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +39,12 @@ class _LearnedGate(nn.Module):
     that the comparison differs only in the routing rule.
     """
 
-    def __init__(self, model_dim: int, num_experts: int, capacity_factor: float = 1.0):
+    def __init__(self, model_dim: int, num_experts: int, capacity_factor: float = 1.0,
+                 eval_capacity_factor: Optional[float] = None):
         super().__init__()
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor  # None: no cap outside training
         self.wg = nn.Linear(model_dim, num_experts, bias=False)
         std = math.sqrt(0.1 / model_dim)
         nn.init.trunc_normal_(self.wg.weight, std=std, a=-2 * std, b=2 * std)
@@ -45,21 +52,31 @@ class _LearnedGate(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         return F.linear(x.float(), self.wg.weight.float())  # S x E, float32
 
+    def share(self, num_rows: int) -> Optional[int]:
+        """``ceil(F * S / E)``, an expert's even share of S rows times the capacity factor F of
+        the current mode (``capacity_factor`` in training, ``eval_capacity_factor`` otherwise);
+        None when evaluating without a cap."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return None if factor is None else math.ceil(factor * num_rows / self.num_experts)
+
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, capacity_factor={self.capacity_factor}"
+        return (f"experts={self.num_experts}, capacity_factor={self.capacity_factor}, "
+                f"eval_capacity_factor={self.eval_capacity_factor}")
 
 
 class SwitchGate(_LearnedGate):
     """Top-1 routing (Switch Transformer): each row goes to its most probable expert, weighted by
     that probability (the weight is what trains the gate), and an expert takes at most
-    ``ceil(capacity_factor * S / E)`` rows, first come first served in row order; the rest are
-    dropped and keep only the residual. ``aux_loss`` is Switch's ``E * sum_e f_e * P_e``.
+    ``share(S)`` rows, first come first served in row order; the rest are dropped and keep only the
+    residual (without an evaluation cap, S rows: none). ``aux_loss`` is Switch's
+    ``E * sum_e f_e * P_e``.
     """
 
     def forward(self, x: Tensor) -> GateDecision:
         probs = F.softmax(self.logits(x), dim=1)  # S x E
         weight, expert = probs.max(dim=1)  # S
-        capacity = math.ceil(self.capacity_factor * x.size(0) / self.num_experts)
+        share = self.share(x.size(0))
+        capacity = x.size(0) if share is None else share
         # each row's place in its expert's queue: 0 for the expert's first row, 1 for the next, ...
         place = (F.one_hot(expert, self.num_experts).cumsum(dim=0) - 1).gather(1, expert[:, None])
         kept = place.squeeze(1) < capacity
@@ -114,27 +131,53 @@ def _pad_for_capacity(logits: Tensor, share: int) -> Tensor:
     return padded
 
 
+def _top2_without_capacity(logits: Tensor, probs: Tensor) -> Tuple[Tensor, Tensor]:
+    """What ``top2gating`` returns without noise when no expert can fill up: every row keeps its
+    best and second-best expert, weighted by their probabilities renormalised to sum to 1.
+
+    Computed directly: once every expert must make room for all S rows, fairscale's dispatch
+    tensors hold about (S E)^2 / 2 entries, which a large validation batch cannot afford.
+    """
+    first = probs.argmax(dim=1, keepdim=True)  # S x 1, as fairscale takes them
+    second = logits.scatter(1, first, float("-inf")).argmax(dim=1, keepdim=True)
+    experts = torch.cat([first, second], dim=1)  # S x 2
+    gates = probs.gather(1, experts)
+    return experts, gates / gates.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
+
+
 class Top2Gate(_LearnedGate):
     """Top-2 routing (GShard) through fairscale's ``top2gating``: the first expert is the argmax,
     the second is sampled from the remaining softmax (Gumbel-max) in training and is the
-    second-best in eval mode, each expert takes ``2 * ceil(capacity_factor * S / E)`` choices
-    (first choices before second ones; fairscale's capacity ``2S/E`` is always even), and a row's
-    kept weights are renormalised to sum to 1.
+    second-best in eval mode, each expert takes ``2 * share(S)`` choices (first choices before
+    second ones; fairscale's capacity ``2S/E`` is always even), and a row's kept weights are
+    renormalised to sum to 1. In eval mode without a cap every choice is kept.
 
     Any S works (see :func:`_pad_for_capacity`). fairscale's ``l_aux`` is replaced by Switch's
     loss, which is the same quantity times E**2 (see :func:`load_balancing_loss`). Memory is
     fairscale's O(S' E' C): GShard bounds it by routing groups of a few thousand tokens at a time.
     """
 
-    def __init__(self, model_dim: int, num_experts: int, capacity_factor: float = 1.0):
+    def __init__(self, model_dim: int, num_experts: int, capacity_factor: float = 1.0,
+                 eval_capacity_factor: Optional[float] = None):
         if num_experts < 2:
             raise ValueError(f"top-2 routing needs at least 2 experts, got {num_experts}")
-        super().__init__(model_dim, num_experts, capacity_factor)
+        super().__init__(model_dim, num_experts, capacity_factor, eval_capacity_factor)
 
     def forward(self, x: Tensor) -> GateDecision:
-        num_rows, num_experts = x.size(0), self.num_experts
-        share = math.ceil(self.capacity_factor * num_rows / num_experts)
-        padded = _pad_for_capacity(self.logits(x), share)  # S' x E'
+        logits = self.logits(x)  # S x E
+        share = self.share(x.size(0))
+        if share is None:
+            probs = F.softmax(logits, dim=1)
+            experts, weights = _top2_without_capacity(logits, probs)
+        else:
+            probs, experts, weights = self._top2_with_capacity(logits, share)
+        aux_loss = load_balancing_loss(probs, probs.argmax(dim=1))
+        return make_decision(experts, weights, self.num_experts, aux_loss, mean_entropy(probs))
+
+    def _top2_with_capacity(self, logits: Tensor, share: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(probs (S, E), experts (S, 2), weights (S, 2))`` from fairscale's ``top2gating``."""
+        num_rows, num_experts = logits.shape
+        padded = _pad_for_capacity(logits, share)  # S' x E'
         noise = nullcontext() if self.training else _without_gumbel_noise(padded.device)
         with noise:
             _, combine, dispatch = top2gating(padded)  # S' x E' x C each
@@ -155,18 +198,18 @@ class Top2Gate(_LearnedGate):
         weights = torch.cat(
             [weight.gather(1, first), weight.gather(1, second) * (experts[:, 1:] >= 0)], dim=1
         )  # S x 2
-        aux_loss = load_balancing_loss(probs, first.squeeze(1))
-        return make_decision(experts, weights, num_experts, aux_loss, mean_entropy(probs))
+        return probs, experts, weights
 
 
 class HashGate(nn.Module):
     """Hash routing (Roller et al. 2021): token id -> expert through a fixed random table.
 
-    Nothing is learned, so there is no load-balancing loss and no drop: every row goes to one
-    expert with weight 1. The table comes from a private ``torch.Generator(seed)``, so building the
-    gate leaves the global RNG (and thus fairseq's seeded stream) untouched and every process builds
-    the same table; it is a buffer, so checkpoints carry it. ``forward`` takes token ids of any
-    shape and routes them flattened, ``(S,)``.
+    Nothing is learned, so there is no load-balancing loss and no capacity, hence no drop in
+    training or evaluation: every row goes to one expert with weight 1. The table comes from a
+    private ``torch.Generator(seed)``, so building the gate leaves the global RNG (and thus
+    fairseq's seeded stream) untouched and every process builds the same table; it is a buffer, so
+    checkpoints carry it. ``forward`` takes token ids of any shape and routes them flattened,
+    ``(S,)``.
     """
 
     def __init__(self, num_experts: int, vocab_size: int, seed: int = 0):

@@ -30,6 +30,11 @@ class ThorTaskFlags(FairseqDataclass):
         default=None,
         metadata={"help": "reference-code spelling of --inference-routing: 0 token, 1 sentence"},
     )
+    eval_capacity_factor: Optional[float] = field(
+        default=None,
+        metadata={"help": "switch/gshard models: capacity factor when evaluating/decoding "
+                          "(default: the checkpoint's setting, no cap unless changed)"},
+    )
     num_experts: Optional[int] = field(
         default=None,
         metadata={"help": "experts per expert layer; when decoding, must match the checkpoint"},
@@ -57,7 +62,8 @@ def requested_inference_routing(flags) -> Optional[str]:
 
 def build_with_thor_flags(flags, model_cfg, build: Callable[[], object]):
     """Refuse a ``--num-experts`` that disagrees with the model, build it with ``build()``, then
-    apply ``--inference-routing``/``--inference-level``/``--inference-expert``."""
+    apply ``--inference-routing``/``--inference-level``/``--inference-expert`` and
+    ``--eval-capacity-factor``."""
     wanted, found = flags.num_experts, getattr(model_cfg, "num_experts", None)
     if wanted is not None and found is not None and wanted != found:
         raise ValueError(f"--num-experts {wanted} does not match the model, which has {found} "
@@ -69,4 +75,8 @@ def build_with_thor_flags(flags, model_cfg, build: Callable[[], object]):
             raise ValueError("--inference-routing / --inference-expert need a thor_transformer model")
         model.set_inference_routing(routing or model.args.inference_routing,
                                     model.args.inference_expert if expert is None else expert)
+    if flags.eval_capacity_factor is not None:
+        if not isinstance(model, ThorTransformerModel):
+            raise ValueError("--eval-capacity-factor needs a thor_transformer model")
+        model.set_eval_capacity_factor(flags.eval_capacity_factor)
     return model
