@@ -29,19 +29,16 @@ run on an otherwise idle machine to compare them.
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(REPO, "benchmarks"), REPO]
 import compare_report as report  # noqa: E402
+from cli_runs import (BIN, GATED, USER_DIR, build_corpus, child_env, count_params, decode,  # noqa: E402
+                      model_flags, run, step)
 
-USER_DIR = os.path.join(REPO, "fairseq_thor")
-BIN = os.path.dirname(sys.executable)  # fairseq's CLIs next to this python (the venv)
-GATED = ["--capacity-factor", "{capacity_factor}", "--criterion", "moe_label_smoothed_cross_entropy",
-         "--moe-aux-loss-weight", "0.01"]
-# name -> (training flags after --num-experts, experts per token in an expert layer)
+# name -> (training flags after the model's sizes, experts per token in an expert layer)
 MODELS = {
     "dense": (["--criterion", "label_smoothed_cross_entropy"], 1),
     "thor": (["--criterion", "thor_consistency", "--consistency-alpha", "{alpha}"], 1),
@@ -55,63 +52,11 @@ TOY = dict(layers=2, embed_dim=32, ffn_dim=64, heads=2, num_experts=4, max_updat
            validate_every=5, max_tokens=1000, warmup=5, threads=1)
 
 
-def step(message: str):
-    print(f"\n==> [{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def run(cmd, log_path: str, echo=lambda line: None, env=None) -> str:
-    """Run ``cmd`` from the repository root and save its output; prints what ``echo`` makes of
-    a line (when not None); raises with the output's tail if it fails."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines = []
-    with open(log_path, "w", encoding="utf-8") as log:
-        for line in proc.stdout:
-            log.write(line)
-            lines.append(line)
-            shown = echo(line)
-            if shown is not None:
-                print("    " + shown, flush=True)
-    if proc.wait() != 0:
-        raise RuntimeError(f"{os.path.basename(str(cmd[0]))} exited {proc.returncode}; "
-                           f"log {log_path}:\n" + "".join(lines[-25:]))
-    return "".join(lines)
-
-
-def build_corpus(args) -> str:
-    """The gettext corpus, sentencepiece and fairseq-preprocess exactly as examples/demo/run.sh
-    (each step skipped when its output exists)."""
-    raw, spm, data = (os.path.join(args.work, "data", d) for d in ("raw", "spm", "data-bin"))
-    os.makedirs(data, exist_ok=True)
-    src, tgt = args.src, args.tgt
-    if not os.path.exists(os.path.join(raw, f"test.{tgt}")):
-        step(f"building a {src}->{tgt} corpus from gettext catalogs")
-        run([sys.executable, "-m", "fairseq_thor.corpus.gettext_pairs", "--src", src, "--tgt", tgt,
-             "--out", raw], os.path.join(args.work, "data", "corpus.log"))
-    if not os.path.exists(os.path.join(spm, f"test.{tgt}")):
-        step("sentencepiece (joint, 4k unigram)")
-        run([sys.executable, "examples/demo/prepare_spm.py", "--raw", raw, "--out", spm, "--src", src,
-             "--tgt", tgt, "--vocab-size", "4000"], os.path.join(args.work, "data", "spm.log"))
-    if not os.path.exists(os.path.join(data, f"dict.{tgt}.txt")):
-        step("fairseq-preprocess")
-        run([os.path.join(BIN, "fairseq-preprocess"), "--source-lang", src, "--target-lang", tgt,
-             "--joined-dictionary", "--workers", "2", "--trainpref", f"{spm}/train",
-             "--validpref", f"{spm}/valid", "--testpref", f"{spm}/test", "--destdir", data],
-            os.path.join(args.work, "data", "preprocess.log"))
-    args.reference_file = os.path.join(raw, f"test.{tgt}")
-    return data
-
-
 def train_command(args, name: str, save_dir: str) -> list:
     flags, _ = MODELS[name]
-    d, f, L, H = args.embed_dim, args.ffn_dim, args.layers, args.heads
     return [str(arg) for arg in [
         os.path.join(BIN, "fairseq-train"), args.data, "--user-dir", USER_DIR, *args.device_flags,
-        "--task", "translation_thor", "--arch", "thor_transformer", "--share-all-embeddings",
-        "--encoder-layers", L, "--decoder-layers", L, "--encoder-embed-dim", d, "--decoder-embed-dim", d,
-        "--encoder-ffn-embed-dim", f, "--decoder-ffn-embed-dim", f,
-        "--encoder-attention-heads", H, "--decoder-attention-heads", H,
-        "--num-experts", 1 if name == "dense" else args.num_experts,
+        "--task", "translation_thor", *model_flags(args, 1 if name == "dense" else args.num_experts),
         *(flag.format(alpha=args.alpha, capacity_factor=args.capacity_factor) for flag in flags), "--label-smoothing", "0.1",
         # the demo's optimisation settings
         "--dropout", "0.1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
@@ -124,22 +69,9 @@ def train_command(args, name: str, save_dir: str) -> list:
     ]]
 
 
-def generate_command(args, checkpoint: str) -> list:
-    return [str(arg) for arg in [
-        os.path.join(BIN, "fairseq-generate"), args.data, "--user-dir", USER_DIR, *args.device_flags,
-        "--task", "translation_thor", "--path", checkpoint, "--gen-subset", "test", "--beam", "5",
-        "--max-tokens", "8000", "--max-len-a", "1.5", "--max-len-b", "10", "--seed", args.seed,
-        *(["--remove-bpe", args.remove_bpe] if args.remove_bpe != "none" else []),
-    ]]
-
-
 def compare_one(args, row: dict, env: dict):
     """Train, decode and score one model, filling ``row`` as it goes (a failure keeps what was
     measured); every number comes from the logs the CLIs wrote."""
-    import torch
-
-    from fairseq_thor.compat import allow_fairseq_checkpoint_globals
-
     name, work = row["model"], row["work"]
     shutil.rmtree(work, ignore_errors=True)  # a rerun trains afresh instead of resuming
     os.makedirs(work)
@@ -155,24 +87,9 @@ def compare_one(args, row: dict, env: dict):
         raise RuntimeError(f"trained {train['num_updates']} updates, not {args.max_update}")
 
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
-    cmd = row["generate_command"] = generate_command(args, checkpoint)
-    decoded = report.parse_generate_log(run(cmd, os.path.join(work, "generate.log"), env=env))
-    references = decoded.pop("references")
-    if args.reference_file:
-        with open(args.reference_file, encoding="utf-8") as f:
-            references = [line.rstrip("\n") for line in f]
-    row.update(report.sacrebleu_scores(decoded.pop("hypotheses"), references))
-    row.update(decoded)
-
-    allow_fairseq_checkpoint_globals()
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
-    num_experts = 1 if name == "dense" else args.num_experts
-    row["expert_ffn_params"] = report.expert_ffn_numel(state, num_experts)
-    if num_experts > 1 and not row["expert_ffn_params"]:
-        raise RuntimeError("no expert FFN tensors (fc1/fc2 of shape (E, ...)) in the checkpoint: "
-                           "cannot count active parameters")
-    row["active_params"] = report.active_params(train["total_params"], row["expert_ffn_params"],
-                                                num_experts, MODELS[name][1])
+    row.update(decode(args, checkpoint, os.path.join(work, "generate.log"), env))
+    row.update(count_params(checkpoint, train["total_params"], 1 if name == "dense" else args.num_experts,
+                            MODELS[name][1]))
     row["status"] = "ok"
 
 
@@ -220,9 +137,7 @@ def main(argv=None) -> int:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device_flags = ["--cpu"] if args.device == "cpu" else []
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.threads:  # e.g. 1 on a shared machine: oversubscribed torch threads crawl
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = child_env(args.threads)
     args.work, args.out = os.path.abspath(args.work), os.path.abspath(args.out)
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)

@@ -1,10 +1,11 @@
-"""Reading fairseq's logs and writing the comparison table for ``benchmarks/compare.py``.
+"""Reading fairseq's logs (for ``compare.py`` and ``quality.py``) and writing compare's table.
 
 Parsers work on the text fairseq prints with ``--log-format simple``:
 
 * ``fairseq-train``: ``num. shared/expert model params: N`` (total parameters), ``train_inner``
   lines (``key=value, ...``: the last one gives the gated routers' ``aux_loss``,
-  ``expert_load_max``, ``dropped``, ``gate_entropy``), ``| train | epoch`` lines (``key value |
+  ``expert_load_max``, ``dropped``, ``gate_entropy``; their ``train_wall`` summed gives the
+  training time at each logged update), ``| train | epoch`` lines (``key value |
   ...``, one per epoch: ``wpb``, ``num_updates`` and ``train_wall`` give training words/s) and
   ``valid on 'valid' subset`` lines (the validation curve);
 * ``fairseq-generate``: ``H-``/``T-`` lines by sentence id and the ``Translated N sentences (M
@@ -62,6 +63,20 @@ def parse_train_log(text: str) -> dict:
         "train_last": {k: last[k] for k in ("loss", "nll_loss", "consistency", *ROUTER_STATS)
                        if k in last},
     }
+
+
+def train_seconds_by_update(text: str) -> Dict[int, float]:
+    """Cumulative seconds inside training steps at each logged update: the running sum of the
+    ``train_wall`` of ``train_inner`` lines (fairseq resets that meter after each line, not at
+    epoch ends, and rounds it to whole seconds: +-0.5 s per line)."""
+    seconds, total = {}, 0.0
+    for line in text.splitlines():
+        if " | train_inner | " in line:
+            stats = _comma_stats(line)
+            if "num_updates" in stats:
+                total += stats.get("train_wall", 0.0)
+                seconds[int(stats["num_updates"])] = total
+    return seconds
 
 
 def progress(line: str) -> Optional[str]:

@@ -1,0 +1,431 @@
+"""Multi-seed quality study: dense, R-Drop, THOR (E=2, E=4), Switch and hash on one recipe, each
+(model, seed) cell seen at equal updates and at equal training time.
+
+One seed cannot separate THOR from its baselines (README, `make compare`). This script trains every
+cell of a plan through the plugin's CLIs with the same recipe, decodes the test split with beam 5
+(``--task translation_thor``: every sentence) and scores it with detokenized sacreBLEU (BLEU, chrF2).
+One training run gives both views: the final checkpoint (equal updates), and for the two-pass
+models -- R-Drop (fairseq's ``label_smoothed_cross_entropy_with_rdrop``) and THOR, which run two
+forward/backward passes per update -- the last checkpoint (one every --save-every updates) trained
+within the time the one-pass dense model took for the same seed (equal training time). Dense runs
+first for each seed; a cell whose dense is not finished decodes every checkpoint, and the report
+picks the right one later. Report: OUT/quality.md, quality.json, quality.png (BLEU against
+training time), rebuilt after every cell (and by --report-only) from whatever cells exist.
+
+    python benchmarks/quality.py                       # default plan, gettext de->en corpus (make demo's)
+    python benchmarks/quality.py --models dense,thor2 --seeds 1,2,3,4,5
+    python benchmarks/quality.py --report-only
+    python benchmarks/quality.py --device cuda --fp16  # the same study on a GPU
+    python benchmarks/quality.py --toy --data TOY_BIN  # a tiny model for ~10 updates (tests)
+
+Default plan (--plan): seeds 1-3 for dense, rdrop, thor2 and switch, seed 1 for thor4 and hash,
+run seed by seed with dense first; --models picks some, --seeds gives every model the same seeds.
+Recipe (each a flag): 3+3 layers, d=256, FFN 1024, 4 heads, shared embeddings, Adam (0.9, 0.98),
+inverse_sqrt, lr 1e-3, warmup 400, dropout 0.3, weight decay 1e-4, label smoothing 0.1, 4,096
+tokens per batch, no clipping, 1,000 updates; experts in every other layer, one per token for
+every model (same active parameters per token: 6.55M with a 4k vocabulary; thor2 8.66M in total,
+thor4 12.86M, Switch/hash E=4 about as many as thor4).
+
+Resumable: each cell is written to OUT/cells/<model>-seed<S>.json (atomically) as soon as it is
+done; a rerun skips finished cells (--rerun retrains them), retries failed ones and retrains a cell
+recorded with another recipe. A failing cell is written with its error, the others still run, and
+the script exits 1. Checkpoints and logs go to WORK/cells/<model>-seed<S>/, removed once the
+cell is written unless --keep (a failed cell's logs stay); checkpoints are saved without optimizer
+state, up to ~1.1 GB per cell (thor4: ~22 files of ~51 MB).
+
+Cost, estimated (not measured) from compare.py's per-update costs scaled to FFN 1024 and 4,096
+tokens per batch: on 2 idle CPU cores ~1.5 s per update for a one-pass model and ~3.2 s for a
+two-pass one, i.e. ~26 and ~55 minutes per cell with validation and decoding; the default plan
+(7 one-pass and 7 two-pass cells) ~9.5 hours, roughly twice that with --threads 1 next to another
+job. The progress lines give an ETA from the cells already finished.
+"""
+import argparse
+import copy
+import glob
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import time
+from typing import List, NamedTuple, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(REPO, "benchmarks"), REPO]
+import compare_report as report  # noqa: E402
+import quality_report  # noqa: E402
+from cli_runs import (BIN, DATA_LAYOUT, GATED, USER_DIR, build_corpus, child_env, count_params,  # noqa: E402
+                      count_sentences, data_problem, decode, model_flags, run)
+
+
+class Model(NamedTuple):
+    experts: Optional[int]  # None: --gated-experts
+    flags: List[str]  # after the sizes; {consistency_alpha}, {rdrop_alpha}, {capacity_factor} filled in
+    two_pass: bool  # two forward/backward passes per update: the equal-time view stops it early
+
+
+THOR = ["--criterion", "thor_consistency", "--consistency-alpha", "{consistency_alpha}"]
+MODELS = {  # dense first: the two-pass models of a seed get its training time
+    "dense": Model(1, ["--criterion", "label_smoothed_cross_entropy"], False),
+    "rdrop": Model(1, ["--criterion", "label_smoothed_cross_entropy_with_rdrop",
+                       "--rdrop-alpha", "{rdrop_alpha}"], True),
+    "thor2": Model(2, THOR, True),
+    "thor4": Model(4, THOR, True),
+    "switch": Model(None, ["--expert-router", "switch", *GATED], False),
+    "hash": Model(None, ["--expert-router", "hash", *GATED], False),
+}
+PLAN = "dense:3,rdrop:3,thor2:3,switch:3,thor4:1,hash:1"  # model:seeds (1..n)
+DEFAULTS = dict(layers=3, embed_dim=256, ffn_dim=1024, heads=4, max_update=1000, save_every=50,
+                max_tokens=4096, warmup=400, threads=None)
+TOY = dict(layers=2, embed_dim=32, ffn_dim=64, heads=2, max_update=10, save_every=5,
+           max_tokens=1000, warmup=5, threads=1)
+SETTINGS = [*DEFAULTS, "lr", "dropout", "weight_decay", "label_smoothing", "clip_norm", "consistency_alpha",
+            "consistency_alpha_warmup_updates", "rdrop_alpha", "gated_experts", "capacity_factor",
+            "data", "device", "fp16", "remove_bpe", "test_sentences", "references"]
+
+
+def fail(message: str):
+    """One line on stderr and exit 2 (argparse's usage block would bury it)."""
+    print(f"quality.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def train_command(args, name: str, seed: int, save_dir: str) -> list:
+    model = MODELS[name]
+    flags = [f.format(**vars(args)) for f in model.flags]
+    if model.flags is THOR and args.consistency_alpha_warmup_updates:
+        flags += ["--consistency-alpha-warmup-updates", args.consistency_alpha_warmup_updates]
+    k = args.save_every
+    return [str(arg) for arg in [
+        os.path.join(BIN, "fairseq-train"), args.data, "--user-dir", USER_DIR, *args.device_flags,
+        "--task", "translation_thor", *model_flags(args, model.experts or args.gated_experts), *flags,
+        "--label-smoothing", args.label_smoothing, "--dropout", args.dropout,
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", args.weight_decay,
+        "--clip-norm", args.clip_norm, "--lr", args.lr, "--lr-scheduler", "inverse_sqrt",
+        "--warmup-updates", args.warmup, "--max-tokens", args.max_tokens, "--max-update", args.max_update,
+        "--seed", seed,
+        # every K updates: log (train_wall -> each checkpoint's training time), validate, save
+        "--log-format", "simple", "--log-interval", k, "--validate-interval-updates", k,
+        "--save-interval-updates", k, "--validate-interval", 10**6, "--save-interval", 10**6,
+        "--no-epoch-checkpoints", "--no-save-optimizer-state", "--save-dir", save_dir,
+        *args.extra.get(name, []),
+    ]]
+
+
+def recipe(args, name: str, seed: int) -> dict:
+    """What makes a cell's result: its training command (without the local paths of the
+    executable and save dir), decoding and threads. A finished cell with another recipe is stale."""
+    cmd = [t if t != USER_DIR else "USER_DIR" for t in train_command(args, name, seed, "SAVE_DIR")[1:]]
+    return {"train_flags": cmd, "remove_bpe": args.remove_bpe, "threads": args.threads}
+
+
+def recipe_change(old: Optional[dict], new: dict) -> Optional[str]:
+    """None when equal, else a short description of what changed."""
+    if old == new:
+        return None
+    if not old:
+        return "no recorded recipe"
+
+    def flags(tokens):  # {"--flag": "value" or "" for a switch; "(data)": the positional}
+        pairs, key = {}, "(data)"
+        for t in tokens:
+            if t.startswith("--"):
+                key = t
+                pairs[t] = ""
+            elif key:
+                pairs[key], key = t, None
+        return pairs
+
+    was, now = flags(old.get("train_flags", [])), flags(new["train_flags"])
+    changes = [f"{k} {was.get(k, '(absent)') or '(set)'} -> {now.get(k, '(absent)') or '(set)'}"
+               for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
+    changes += [f"{k} {old.get(k)} -> {new[k]}" for k in ("remove_bpe", "threads") if old.get(k) != new[k]]
+    return "; ".join(changes[:4]) or "the same flags in another order"
+
+
+def host_info(args) -> dict:
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    versions = {}
+    for package in ("torch", "fairseq-fixed", "fairseq", "sacrebleu"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    info = {"hostname": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), **versions}
+    if args.device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def dense_seconds(args, seed: int) -> Optional[float]:
+    dense = read_cell(cell_path(args, "dense", seed))
+    return dense["train_s"] if dense and dense["status"] == "ok" else None
+
+
+def saved_checkpoints(save_dir: str, seconds: dict, last_update: int) -> List[dict]:
+    """Checkpoints on disk with their cumulative training time (updates in order); fairseq skips
+    an update-numbered checkpoint at an epoch's end, so some multiples of K may be absent."""
+    found = {}
+    for path in glob.glob(os.path.join(save_dir, "checkpoint_*_*.pt")):
+        m = re.search(r"checkpoint_\d+_(\d+)\.pt$", path)
+        if m:
+            found[int(m.group(1))] = path
+    found[last_update] = os.path.join(save_dir, "checkpoint_last.pt")  # always written at the end
+    if last_update not in seconds:
+        raise RuntimeError(f"no train_inner log line at update {last_update}: cannot time the run")
+    return [{"updates": u, "train_s": seconds[u], "path": found[u]} for u in sorted(found) if u in seconds]
+
+
+def train_and_decode(args, cell: dict, work: str, env: dict):
+    """Fill ``cell`` from one training run: training statistics, every checkpoint's training
+    time, the scores of the final checkpoint and of those the equal-time view may need."""
+    name, seed = cell["model"], cell["seed"]
+    model = MODELS[name]
+    save_dir = os.path.join(work, "checkpoints")
+    cmd = cell["train_command"] = train_command(args, name, seed, save_dir)
+    log = run(cmd, os.path.join(work, "train.log"), echo=report.progress, env=env)
+    train = report.parse_train_log(log)
+    if train["num_updates"] != args.max_update:
+        raise RuntimeError(f"trained {train['num_updates']} updates, not {args.max_update}")
+    seconds = report.train_seconds_by_update(log)
+    checkpoints = saved_checkpoints(save_dir, seconds, args.max_update)
+    cell.update(updates=train["num_updates"], train_s=seconds[args.max_update],
+                train_words_per_s=train["train_words_per_s"], total_params=train["total_params"],
+                train_last=train["train_last"],
+                valid_curve=[{**p, "train_s": seconds.get(p["num_updates"])} for p in train["valid_curve"]])
+    cell.update(count_params(checkpoints[-1]["path"], train["total_params"], model.experts or args.gated_experts, 1))
+
+    decoded = [checkpoints[-1]]
+    if model.two_pass:
+        budget = cell["dense_train_s"] = dense_seconds(args, seed)
+        if budget is None:  # this seed's dense is not finished: score them all, the report picks
+            decoded = checkpoints
+        else:
+            chosen = quality_report.within_budget(checkpoints, budget)
+            if chosen is not None and chosen is not checkpoints[-1]:
+                decoded = [chosen, checkpoints[-1]]
+    seeded = copy.copy(args)
+    seeded.seed = seed
+    cell["generate_commands"] = []
+    for c in decoded:
+        scores = decode(seeded, c["path"], os.path.join(work, f"generate-{c['updates']}.log"), env)
+        cell["generate_commands"].append(scores.pop("generate_command"))
+        c.update(scores)
+    cell["checkpoints"] = [{k: v for k, v in c.items() if k != "path"} for c in checkpoints]
+    cell.update(quality_report.views(cell, cell.get("dense_train_s")))
+
+
+def run_cell(args, name: str, seed: int, env: dict) -> dict:
+    work = os.path.join(args.work, "cells", f"{name}-seed{seed}")
+    shutil.rmtree(work, ignore_errors=True)  # a cell trains afresh, never resumes another run
+    os.makedirs(work)
+    cell = {"model": name, "seed": seed, "status": "failed", "error": None, "two_pass": MODELS[name].two_pass,
+            "recipe": recipe(args, name, seed), "settings": {k: getattr(args, k) for k in SETTINGS},
+            "device": args.device, "threads": args.threads, "host": args.host,
+            "load_average_at_start": list(os.getloadavg()), "started_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    start = time.time()
+    try:
+        train_and_decode(args, cell, work, env)
+        cell["status"] = "ok"
+    except Exception as e:  # keep going: the cell file says what broke
+        cell["error"] = str(e)
+    cell["elapsed_s"] = round(time.time() - start, 1)
+    cell["load_average_at_end"] = list(os.getloadavg())
+    write_atomic(cell_path(args, name, seed), cell)
+    if not args.keep:  # a failed cell keeps its logs
+        shutil.rmtree(work if cell["status"] == "ok" else os.path.join(work, "checkpoints"), ignore_errors=True)
+    return cell
+
+
+def cell_path(args, name: str, seed: int) -> str:
+    return os.path.join(args.out, "cells", f"{name}-seed{seed}.json")
+
+
+def read_cell(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_atomic(path: str, obj: dict):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def short(path: str) -> str:
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def eta(args, todo: List[tuple]) -> str:
+    """Remaining time for ``todo`` cells from the durations of the finished ones (same model when
+    there are any, else all)."""
+    done = [c for c in quality_report.load_cells(os.path.join(args.out, "cells")) if c["status"] == "ok"]
+    if not done:
+        return f"ETA after the first cell; {n_cells(len(todo))} to run"
+    mean = sum(c["elapsed_s"] for c in done) / len(done)
+    per_model = {}
+    for c in done:
+        per_model.setdefault(c["model"], []).append(c["elapsed_s"])
+    total = sum(sum(per_model[m]) / len(per_model[m]) if m in per_model else mean for m, _ in todo)
+    return f"ETA {hms(total)} for {n_cells(len(todo))}"
+
+
+def n_cells(n: int) -> str:
+    return f"{n} cell{'' if n == 1 else 's'}"
+
+
+def plan_cells(args) -> List[tuple]:
+    """(model, seed) in running order: seed by seed, dense first."""
+    counts = {}
+    for item in args.plan.split(","):
+        name, _, n = item.strip().partition(":")
+        if name not in MODELS or not n.isdigit():
+            fail(f"--plan: {item.strip()!r} is not MODEL:SEEDS with MODEL one of {', '.join(MODELS)}")
+        counts[name] = int(n)
+    names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(counts)
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        fail(f"--models: unknown model {', '.join(unknown) or '(none given)'}; valid names: {', '.join(MODELS)}")
+    seeds = {m: args.seeds or list(range(1, counts.get(m, 1) + 1)) for m in names}
+    return [(m, s) for s in sorted({s for v in seeds.values() for s in v})
+            for m in MODELS if m in seeds and s in seeds[m]]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help=f"{DATA_LAYOUT} (default: build make demo's gettext de->en corpus)")
+    p.add_argument("--plan", default=PLAN, help="model:number-of-seeds list, seeds 1..n (default %(default)s)")
+    p.add_argument("--models", help=f"run only these (comma-separated; of {', '.join(MODELS)})")
+    p.add_argument("--seeds", help="e.g. 1,2,3: every model gets these seeds instead of the plan's")
+    p.add_argument("--toy", action="store_true", help=f"tiny model for tests, needs --data (sets {TOY})")
+    for key, value in DEFAULTS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None,
+                       help=f"default {value} ({TOY[key]} with --toy)" +
+                            ("; checkpoint, validate and log every K updates" if key == "save_every" else ""))
+    for key, value in dict(lr=1e-3, dropout=0.3, weight_decay=1e-4, label_smoothing=0.1, clip_norm=0.0,
+                           consistency_alpha=1.0, rdrop_alpha=1.0, capacity_factor=1.0).items():
+        p.add_argument("--" + key.replace("_", "-"), type=float, default=value, help="default %(default)s")
+    p.add_argument("--consistency-alpha-warmup-updates", type=int, default=0,
+                   help="THOR's; passed only when > 0 (default 0)")
+    p.add_argument("--gated-experts", type=int, default=4, help="E for switch and hash (default 4)")
+    p.add_argument("--extra", action="append", default=[], metavar="MODEL=FLAGS",
+                   help="more fairseq-train flags for one model, e.g. 'thor2=--inference-routing token'")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--fp16", action="store_true", help="with --device cuda")
+    p.add_argument("--remove-bpe", default="sentencepiece", help="fairseq-generate's, or 'none'")
+    p.add_argument("--src", default="de", help="corpus source language (only when building it)")
+    p.add_argument("--tgt", default="en")
+    p.add_argument("--work", default=os.path.join(REPO, "work", "quality"), help="corpus, checkpoints, logs")
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "quality"),
+                   help="cells/, quality.md, quality.json, quality.png")
+    p.add_argument("--rerun", action="store_true", help="retrain planned cells that are finished")
+    p.add_argument("--keep", action="store_true", help="keep each cell's checkpoints and logs")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the cells")
+    args = p.parse_args(argv)
+    for key, value in (TOY if args.toy else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
+    except ValueError:
+        fail(f"--seeds {args.seeds!r}: expected integers such as 1,2,3")
+    args.cells = plan_cells(args)
+    extra = {}
+    for item in args.extra:
+        name, _, flags = item.partition("=")
+        if name not in MODELS:
+            fail(f"--extra {item!r}: unknown model {name!r}; valid names: {', '.join(MODELS)}")
+        extra[name] = extra.get(name, []) + shlex.split(flags)
+    args.extra = extra
+    if args.max_update % args.save_every:
+        fail(f"--max-update {args.max_update} must be a multiple of --save-every {args.save_every}")
+    if args.fp16 and args.device != "cuda":
+        fail("--fp16 needs --device cuda")
+    if args.toy and not args.data:
+        fail("--toy needs --data (a small binarized corpus)")
+    if args.data and not args.report_only:
+        args.data = os.path.abspath(args.data)
+        problem = data_problem(args.data)
+        if problem:
+            fail(f"--data {args.data}: {problem}; expected {DATA_LAYOUT}")
+    args.work, args.out = os.path.abspath(args.work), os.path.abspath(args.out)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
+    order = list(MODELS)
+    if args.report_only:
+        quality_report.build(args.out, order)
+        print(f"wrote {args.out}/quality.md, quality.json, quality.png")
+        return 0
+    os.makedirs(args.work, exist_ok=True)
+    args.reference_file = None
+    args.data = args.data or build_corpus(args)
+    args.test_sentences = count_sentences(args.data)
+    args.references = (f"the raw test text {args.reference_file}" if args.reference_file
+                       else "fairseq-generate's T- lines")
+    args.device_flags = ["--cpu"] if args.device == "cpu" else (["--fp16"] if args.fp16 else [])
+    args.host = host_info(args)
+    env = child_env(args.threads)
+
+    start, failed, total = time.time(), [], len(args.cells)
+    for i, (name, seed) in enumerate(args.cells, 1):
+        tag, path = f"[{i}/{total}]", cell_path(args, name, seed)
+        old = read_cell(path)
+        if old and old["status"] == "ok" and not args.rerun:
+            change = recipe_change(old.get("recipe"), recipe(args, name, seed))
+            if change is None:
+                print(f"{tag} skip {name} seed {seed}: finished ({short(path)})", flush=True)
+                continue
+            print(f"{tag} retrain {name} seed {seed}: recorded with another recipe ({change})", flush=True)
+        todo = [c for c in args.cells[i - 1:] if args.rerun or c == (name, seed) or
+                (read_cell(cell_path(args, *c)) or {}).get("status") != "ok"]
+        print(f"{tag} start {name} seed {seed} at {time.strftime('%H:%M:%S')} (elapsed {hms(time.time() - start)}; "
+              f"{eta(args, todo)})", flush=True)
+        cell = run_cell(args, name, seed, env)
+        if cell["status"] == "ok":
+            timed, at_time = cell["equal_time"], ""
+            if cell["two_pass"] and "missing" in timed:
+                at_time = f"; equal time: {timed['missing']}"
+            elif cell["two_pass"]:
+                at_time = f"; {timed['bleu']:.2f} at dense's {timed['budget_s']:.0f} s ({timed['updates']} updates)"
+            final = cell["equal_updates"]
+            print(f"{tag} done {name} seed {seed} in {hms(cell['elapsed_s'])}: BLEU {final['bleu']:.2f}, "
+                  f"chrF2 {final['chrf']:.2f} after {cell['updates']} updates "
+                  f"({cell['train_s']:.0f} s training){at_time}", flush=True)
+        else:
+            failed.append(f"{name} seed {seed}")
+            print(f"{tag} FAILED {name} seed {seed} after {hms(cell['elapsed_s'])}: "
+                  f"{report.error_summary(cell['error'])}", file=sys.stderr, flush=True)
+        quality_report.build(args.out, order)
+
+    print("\n" + quality_report.markdown(quality_report.build(args.out, order)))
+    print(f"wrote {args.out}/quality.md, quality.json, quality.png; cells in {args.out}/cells")
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (errors in the cell files and the report)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
