@@ -40,228 +40,30 @@ two-pass one, i.e. ~26 and ~55 minutes per cell with validation and decoding; th
 job. The progress lines give an ETA from the cells already finished.
 """
 import argparse
-import copy
-import glob
-import importlib.metadata
-import json
 import os
-import platform
-import re
 import shlex
-import shutil
 import sys
 import time
-from typing import List, NamedTuple, Optional
+from typing import List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(REPO, "benchmarks"), REPO]
 import compare_report as report  # noqa: E402
 import quality_report  # noqa: E402
-from cli_runs import (BIN, DATA_LAYOUT, GATED, USER_DIR, build_corpus, child_env, count_params,  # noqa: E402
-                      count_sentences, data_problem, decode, model_flags, run)
+from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data_problem  # noqa: E402
+from quality_cells import MODELS, cell_path, host_info, read_cell, recipe, recipe_change, run_cell  # noqa: E402
 
-
-class Model(NamedTuple):
-    experts: Optional[int]  # None: --gated-experts
-    flags: List[str]  # after the sizes; {consistency_alpha}, {rdrop_alpha}, {capacity_factor} filled in
-    two_pass: bool  # two forward/backward passes per update: the equal-time view stops it early
-
-
-THOR = ["--criterion", "thor_consistency", "--consistency-alpha", "{consistency_alpha}"]
-MODELS = {  # dense first: the two-pass models of a seed get its training time
-    "dense": Model(1, ["--criterion", "label_smoothed_cross_entropy"], False),
-    "rdrop": Model(1, ["--criterion", "label_smoothed_cross_entropy_with_rdrop",
-                       "--rdrop-alpha", "{rdrop_alpha}"], True),
-    "thor2": Model(2, THOR, True),
-    "thor4": Model(4, THOR, True),
-    "switch": Model(None, ["--expert-router", "switch", *GATED], False),
-    "hash": Model(None, ["--expert-router", "hash", *GATED], False),
-}
 PLAN = "dense:3,rdrop:3,thor2:3,switch:3,thor4:1,hash:1"  # model:seeds (1..n)
 DEFAULTS = dict(layers=3, embed_dim=256, ffn_dim=1024, heads=4, max_update=1000, save_every=50,
                 max_tokens=4096, warmup=400, threads=None)
 TOY = dict(layers=2, embed_dim=32, ffn_dim=64, heads=2, max_update=10, save_every=5,
            max_tokens=1000, warmup=5, threads=1)
-SETTINGS = [*DEFAULTS, "lr", "dropout", "weight_decay", "label_smoothing", "clip_norm", "consistency_alpha",
-            "consistency_alpha_warmup_updates", "rdrop_alpha", "gated_experts", "capacity_factor",
-            "data", "device", "fp16", "remove_bpe", "test_sentences", "references"]
 
 
 def fail(message: str):
     """One line on stderr and exit 2 (argparse's usage block would bury it)."""
     print(f"quality.py: error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def train_command(args, name: str, seed: int, save_dir: str) -> list:
-    model = MODELS[name]
-    flags = [f.format(**vars(args)) for f in model.flags]
-    if model.flags is THOR and args.consistency_alpha_warmup_updates:
-        flags += ["--consistency-alpha-warmup-updates", args.consistency_alpha_warmup_updates]
-    k = args.save_every
-    return [str(arg) for arg in [
-        os.path.join(BIN, "fairseq-train"), args.data, "--user-dir", USER_DIR, *args.device_flags,
-        "--task", "translation_thor", *model_flags(args, model.experts or args.gated_experts), *flags,
-        "--label-smoothing", args.label_smoothing, "--dropout", args.dropout,
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", args.weight_decay,
-        "--clip-norm", args.clip_norm, "--lr", args.lr, "--lr-scheduler", "inverse_sqrt",
-        "--warmup-updates", args.warmup, "--max-tokens", args.max_tokens, "--max-update", args.max_update,
-        "--seed", seed,
-        # every K updates: log (train_wall -> each checkpoint's training time), validate, save
-        "--log-format", "simple", "--log-interval", k, "--validate-interval-updates", k,
-        "--save-interval-updates", k, "--validate-interval", 10**6, "--save-interval", 10**6,
-        "--no-epoch-checkpoints", "--no-save-optimizer-state", "--save-dir", save_dir,
-        *args.extra.get(name, []),
-    ]]
-
-
-def recipe(args, name: str, seed: int) -> dict:
-    """What makes a cell's result: its training command (without the local paths of the
-    executable and save dir), decoding and threads. A finished cell with another recipe is stale."""
-    cmd = [t if t != USER_DIR else "USER_DIR" for t in train_command(args, name, seed, "SAVE_DIR")[1:]]
-    return {"train_flags": cmd, "remove_bpe": args.remove_bpe, "threads": args.threads}
-
-
-def recipe_change(old: Optional[dict], new: dict) -> Optional[str]:
-    """None when equal, else a short description of what changed."""
-    if old == new:
-        return None
-    if not old:
-        return "no recorded recipe"
-
-    def flags(tokens):  # {"--flag": "value" or "" for a switch; "(data)": the positional}
-        pairs, key = {}, "(data)"
-        for t in tokens:
-            if t.startswith("--"):
-                key = t
-                pairs[t] = ""
-            elif key:
-                pairs[key], key = t, None
-        return pairs
-
-    was, now = flags(old.get("train_flags", [])), flags(new["train_flags"])
-    changes = [f"{k} {was.get(k, '(absent)') or '(set)'} -> {now.get(k, '(absent)') or '(set)'}"
-               for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
-    changes += [f"{k} {old.get(k)} -> {new[k]}" for k in ("remove_bpe", "threads") if old.get(k) != new[k]]
-    return "; ".join(changes[:4]) or "the same flags in another order"
-
-
-def host_info(args) -> dict:
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    versions = {}
-    for package in ("torch", "fairseq-fixed", "fairseq", "sacrebleu"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    info = {"hostname": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), **versions}
-    if args.device == "cuda":
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def dense_seconds(args, seed: int) -> Optional[float]:
-    dense = read_cell(cell_path(args, "dense", seed))
-    return dense["train_s"] if dense and dense["status"] == "ok" else None
-
-
-def saved_checkpoints(save_dir: str, seconds: dict, last_update: int) -> List[dict]:
-    """Checkpoints on disk with their cumulative training time (updates in order); fairseq skips
-    an update-numbered checkpoint at an epoch's end, so some multiples of K may be absent."""
-    found = {}
-    for path in glob.glob(os.path.join(save_dir, "checkpoint_*_*.pt")):
-        m = re.search(r"checkpoint_\d+_(\d+)\.pt$", path)
-        if m:
-            found[int(m.group(1))] = path
-    found[last_update] = os.path.join(save_dir, "checkpoint_last.pt")  # always written at the end
-    if last_update not in seconds:
-        raise RuntimeError(f"no train_inner log line at update {last_update}: cannot time the run")
-    return [{"updates": u, "train_s": seconds[u], "path": found[u]} for u in sorted(found) if u in seconds]
-
-
-def train_and_decode(args, cell: dict, work: str, env: dict):
-    """Fill ``cell`` from one training run: training statistics, every checkpoint's training
-    time, the scores of the final checkpoint and of those the equal-time view may need."""
-    name, seed = cell["model"], cell["seed"]
-    model = MODELS[name]
-    save_dir = os.path.join(work, "checkpoints")
-    cmd = cell["train_command"] = train_command(args, name, seed, save_dir)
-    log = run(cmd, os.path.join(work, "train.log"), echo=report.progress, env=env)
-    train = report.parse_train_log(log)
-    if train["num_updates"] != args.max_update:
-        raise RuntimeError(f"trained {train['num_updates']} updates, not {args.max_update}")
-    seconds = report.train_seconds_by_update(log)
-    checkpoints = saved_checkpoints(save_dir, seconds, args.max_update)
-    cell.update(updates=train["num_updates"], train_s=seconds[args.max_update],
-                train_words_per_s=train["train_words_per_s"], total_params=train["total_params"],
-                train_last=train["train_last"],
-                valid_curve=[{**p, "train_s": seconds.get(p["num_updates"])} for p in train["valid_curve"]])
-    cell.update(count_params(checkpoints[-1]["path"], train["total_params"], model.experts or args.gated_experts, 1))
-
-    decoded = [checkpoints[-1]]
-    if model.two_pass:
-        budget = cell["dense_train_s"] = dense_seconds(args, seed)
-        if budget is None:  # this seed's dense is not finished: score them all, the report picks
-            decoded = checkpoints
-        else:
-            chosen = quality_report.within_budget(checkpoints, budget)
-            if chosen is not None and chosen is not checkpoints[-1]:
-                decoded = [chosen, checkpoints[-1]]
-    seeded = copy.copy(args)
-    seeded.seed = seed
-    cell["generate_commands"] = []
-    for c in decoded:
-        scores = decode(seeded, c["path"], os.path.join(work, f"generate-{c['updates']}.log"), env)
-        cell["generate_commands"].append(scores.pop("generate_command"))
-        c.update(scores)
-    cell["checkpoints"] = [{k: v for k, v in c.items() if k != "path"} for c in checkpoints]
-    cell.update(quality_report.views(cell, cell.get("dense_train_s")))
-
-
-def run_cell(args, name: str, seed: int, env: dict) -> dict:
-    work = os.path.join(args.work, "cells", f"{name}-seed{seed}")
-    shutil.rmtree(work, ignore_errors=True)  # a cell trains afresh, never resumes another run
-    os.makedirs(work)
-    cell = {"model": name, "seed": seed, "status": "failed", "error": None, "two_pass": MODELS[name].two_pass,
-            "recipe": recipe(args, name, seed), "settings": {k: getattr(args, k) for k in SETTINGS},
-            "device": args.device, "threads": args.threads, "host": args.host,
-            "load_average_at_start": list(os.getloadavg()), "started_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    start = time.time()
-    try:
-        train_and_decode(args, cell, work, env)
-        cell["status"] = "ok"
-    except Exception as e:  # keep going: the cell file says what broke
-        cell["error"] = str(e)
-    cell["elapsed_s"] = round(time.time() - start, 1)
-    cell["load_average_at_end"] = list(os.getloadavg())
-    write_atomic(cell_path(args, name, seed), cell)
-    if not args.keep:  # a failed cell keeps its logs
-        shutil.rmtree(work if cell["status"] == "ok" else os.path.join(work, "checkpoints"), ignore_errors=True)
-    return cell
-
-
-def cell_path(args, name: str, seed: int) -> str:
-    return os.path.join(args.out, "cells", f"{name}-seed{seed}.json")
-
-
-def read_cell(path: str) -> Optional[dict]:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_atomic(path: str, obj: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def short(path: str) -> str:

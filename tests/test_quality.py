@@ -14,6 +14,7 @@ from test_compare import TRAIN_LOG, make_toy_data, routers_available
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import compare_report as report  # noqa: E402
 import quality  # noqa: E402
+import quality_cells  # noqa: E402
 import quality_report  # noqa: E402
 
 pytestmark = pytest.mark.cli
@@ -173,5 +174,5 @@ def test_differences_beyond_the_seeds_spread():
 def test_a_changed_recipe_is_named():
     old = {"train_flags": ["DATA", "--lr", "0.001", "--fp16"], "remove_bpe": "none", "threads": 1}
     new = {"train_flags": ["DATA", "--lr", "0.002"], "remove_bpe": "none", "threads": None}
-    assert quality.recipe_change(old, old) is None
-    assert quality.recipe_change(old, new) == "--fp16 (set) -> (absent); --lr 0.001 -> 0.002; threads 1 -> None"
+    assert quality_cells.recipe_change(old, old) is None
+    assert quality_cells.recipe_change(old, new) == "--fp16 (set) -> (absent); --lr 0.001 -> 0.002; threads 1 -> None"
