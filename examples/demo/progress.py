@@ -11,14 +11,12 @@ import argparse
 import re
 import sys
 
-FIELD = re.compile(r"(\w+)[=|] ?([-\w.]+)")  # "loss=7.1" (train_inner) and "| loss 7.1" (valid)
-
 
 def fields(line: str) -> dict:
+    """``loss=7.1, ...`` (train_inner) or ``| loss 7.1 | ...`` (valid) as a dict of strings."""
     if "train_inner" in line:
-        body = line.split("|")[-1]
-        return dict(pair.strip().split("=", 1) for pair in body.split(",") if "=" in pair)
-    return {m[0]: m[1] for m in re.findall(r"\| (\w+) ([-\w.]+)", line)}
+        return dict(re.findall(r"(\w+)=([^,\s]+)", line))
+    return dict(re.findall(r"\| (\w+) ([-\w.]+)", line))
 
 
 def clock(seconds: float) -> str:

@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
 # make demo: German->English THOR on real text from this machine's gettext catalogs, end to end:
 # corpus -> sentencepiece -> fairseq-preprocess -> fairseq-train (THOR) -> fairseq-generate ->
-# sacreBLEU and sample translations. Every knob is an environment variable (defaults below).
+# sacreBLEU and sample translations. Every knob is an environment variable (defaults below; how
+# they were chosen is in examples/demo/README.md).
 set -euo pipefail
 export PYTHONUNBUFFERED=1  # show fairseq's progress as it happens, not when a pipe buffer fills
 cd "$(dirname "$0")/../.."
 
 WORK=${WORK:-work/demo}                  # everything the demo writes goes here
 SRC=${SRC:-de}; TGT=${TGT:-en}
-VOCAB=${VOCAB:-4000}                     # joint sentencepiece vocabulary
-TRAIN_MINUTES=${TRAIN_MINUTES:-10}       # wall-clock bound on training (fairseq --stop-time-hours)
-MAX_UPDATE=${MAX_UPDATE:-3000}           # update bound (whichever comes first)
+VOCAB=${VOCAB:-8000}                     # joint sentencepiece vocabulary
+MAX_UPDATE=${MAX_UPDATE:-800}            # training length in updates (the main bound)
+TRAIN_MINUTES=${TRAIN_MINUTES:-25}       # wall-clock guard on training (fairseq --stop-time-hours)
 NUM_EXPERTS=${NUM_EXPERTS:-2}
 ALPHA=${ALPHA:-1.0}                      # --consistency-alpha
+ALPHA_WARMUP=${ALPHA_WARMUP:-0}          # --consistency-alpha-warmup-updates
 CRITERION=${CRITERION:-thor_consistency} # label_smoothed_cross_entropy trains a one-pass baseline
 ROUTING=${ROUTING:-sentence}             # --expert-routing (training)
 INFERENCE=${INFERENCE:-sentence}         # --inference-routing (decoding)
+LAYERS=${LAYERS:-3}; EMBED=${EMBED:-256}; FFN=${FFN:-512}; HEADS=${HEADS:-4}
+LR=${LR:-2e-3}; WARMUP=${WARMUP:-200}; DROPOUT=${DROPOUT:-0.1}; MAX_TOKENS=${MAX_TOKENS:-2048}
+SEED=${SEED:-1}; LOG_INTERVAL=${LOG_INTERVAL:-25}  # updates between progress lines
 EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}
+EXPECTED_MINUTES=25                      # measured with the defaults on 2 idle CPU cores (README)
 DEVICE_ARGS=$(python -c "import torch; print('' if torch.cuda.is_available() else '--cpu')")
 
 step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
-RAW=$WORK/raw SPM=$WORK/spm BIN=$WORK/data-bin CKPT=$WORK/checkpoints OUT=$WORK/generate
+RAW=$WORK/raw SPM=$WORK/spm-$VOCAB BIN=$WORK/data-bin-$VOCAB CKPT=$WORK/checkpoints OUT=$WORK/generate
 mkdir -p "$WORK"
+START=$(date +%s)
+echo "make demo: about $EXPECTED_MINUTES minutes with the defaults on 2 idle CPU cores (less on a GPU);"
+echo "training shows an ETA for this machine. Outputs go to $WORK/."
 
 step "1/5 building a $SRC->$TGT corpus from gettext catalogs in /usr/share/locale"
 if [ ! -s "$RAW/test.$TGT" ]; then
@@ -43,21 +52,22 @@ if [ ! -s "$BIN/dict.$TGT.txt" ]; then
 fi
 
 rm -rf "$CKPT"  # a rerun trains afresh instead of resuming a finished run
-step "4/5 training THOR (E=$NUM_EXPERTS, alpha=$ALPHA, $ROUTING routing) for at most $TRAIN_MINUTES min / $MAX_UPDATE updates"
+step "4/5 training THOR (E=$NUM_EXPERTS, alpha=$ALPHA, $ROUTING routing): $MAX_UPDATE updates, at most $TRAIN_MINUTES min"
 fairseq-train "$BIN" --user-dir fairseq_thor $DEVICE_ARGS \
   --task translation_thor --arch thor_transformer --share-all-embeddings \
-  --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 \
-  --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 \
-  --encoder-attention-heads 4 --decoder-attention-heads 4 \
+  --encoder-layers "$LAYERS" --decoder-layers "$LAYERS" --encoder-embed-dim "$EMBED" --decoder-embed-dim "$EMBED" \
+  --encoder-ffn-embed-dim "$FFN" --decoder-ffn-embed-dim "$FFN" \
+  --encoder-attention-heads "$HEADS" --decoder-attention-heads "$HEADS" \
+  --encoder-normalize-before --decoder-normalize-before \
   --num-experts "$NUM_EXPERTS" --expert-routing "$ROUTING" --inference-routing "$INFERENCE" \
   --criterion "$CRITERION" --consistency-alpha "$ALPHA" --label-smoothing 0.1 \
-  --dropout 0.1 --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
-  --lr 3e-3 --lr-scheduler inverse_sqrt --warmup-updates 100 \
-  --max-tokens 2048 --max-update "$MAX_UPDATE" --stop-time-hours "$(python -c "print($TRAIN_MINUTES / 60)")" \
+  --dropout "$DROPOUT" --weight-decay 0.0001 --optimizer adam --adam-betas '(0.9, 0.98)' \
+  --lr "$LR" --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP" \
+  --max-tokens "$MAX_TOKENS" --max-update "$MAX_UPDATE" --stop-time-hours "$(python -c "print($TRAIN_MINUTES / 60)")" \
   --save-dir "$CKPT" --no-epoch-checkpoints --keep-last-epochs 1 \
-  --log-format simple --log-interval 20 --seed 1 $EXTRA_TRAIN_ARGS \
-  2>&1 | grep --line-buffered -E "train_inner|valid on|\| train \||done training|Error|error" \
-       | sed -u 's/^.*| INFO | //'
+  --log-format simple --log-interval "$LOG_INTERVAL" --seed "$SEED" $EXTRA_TRAIN_ARGS \
+  2>&1 | tee "$WORK/train.log" | python examples/demo/progress.py --max-update "$MAX_UPDATE" --minutes "$TRAIN_MINUTES"
+[ -s "$CKPT/checkpoint_last.pt" ] || { echo "training wrote no checkpoint; see $WORK/train.log"; exit 1; }
 
 step "5/5 decoding the test split with fairseq-generate (beam 5, $INFERENCE routing)"
 mkdir -p "$OUT"
@@ -77,4 +87,5 @@ echo "    chrF2 = $(sacrebleu "$OUT/ref.txt" -i "$OUT/hyp.txt" -m chrf -b -w 2)"
 printf '\n==> five sample translations\n'
 paste "$OUT/src.txt" "$OUT/ref.txt" "$OUT/hyp.txt" | awk -F'\t' 'NR % 97 == 1 && n < 5 {n++;
   printf "    SRC: %s\n    REF: %s\n    HYP: %s\n\n", $1, $2, $3}'
-echo "outputs: $OUT (hyp.txt, ref.txt, test.log), checkpoints: $CKPT"
+echo "outputs: $OUT (hyp.txt, ref.txt, test.log), checkpoints: $CKPT, training log: $WORK/train.log"
+echo "total time: $(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s"

@@ -1,0 +1,67 @@
+"""`make demo`: the progress filter's ETA, and the whole script end to end at toy size."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "examples", "demo"))
+import progress  # noqa: E402
+
+TRAIN_INNER = ("2026-12-01 01:30:37 | INFO | train_inner | epoch 001:     50 / 282 loss=21.238, "
+               "nll_loss=10.226, consistency=0.0386, consistency_alpha=1, ppl=1197.57, wps=535.7, "
+               "ups=0.34, wpb=1571.5, bsz=163.5, num_updates={u}, lr=0.0005, gnorm=2.593, "
+               "train_wall=73, wall={wall}")
+VALID = ("2026-12-01 01:40:00 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 8.345 | "
+         "nll_loss 7.56 | ppl 188.66 | wps 2977.8 | wpb 1137.7 | bsz 106 | num_updates 200")
+
+
+def filter_lines(lines, max_update=800, minutes=25):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "demo", "progress.py"),
+                           "--max-update", str(max_update), "--minutes", str(minutes)],
+                          input="".join(line + "\n" for line in lines), text=True,
+                          capture_output=True, check=True)
+    return proc.stdout.splitlines()
+
+
+def test_eta_is_the_remaining_updates_at_the_pace_so_far():
+    # 200 of 800 updates in 300 s: 600 more at 1.5 s each = 900 s
+    (line,) = filter_lines([TRAIN_INNER.format(u=200, wall=300)])
+    assert "update   200/800 ( 25%)" in line
+    assert "elapsed 5m00s" in line and "ETA 15m00s" in line
+    assert "loss 21.238" in line and "consistency 0.0386" in line and "535.7 words/s" in line
+
+
+def test_eta_is_capped_by_the_time_bound():
+    # the same pace would need 900 s more, but the 10-minute bound leaves 300 s
+    (line,) = filter_lines([TRAIN_INNER.format(u=200, wall=300)], minutes=10)
+    assert "ETA 5m00s" in line
+
+
+def test_validation_and_errors_pass_through_and_noise_does_not():
+    out = filter_lines([VALID, "some | INFO | fairseq.tasks | loaded 636 examples",
+                        "Traceback (most recent call last):", "ValueError: --lr is bad"])
+    assert out[0].strip() == "validation after update 200: loss 8.345  ppl 188.66"
+    assert out[1:] == ["    Traceback (most recent call last):", "    ValueError: --lr is bad"]
+
+
+@pytest.mark.cli
+@pytest.mark.skipif(not glob.glob("/usr/share/locale/de/LC_MESSAGES/*.mo"),
+                    reason="needs German gettext catalogs (the demo's data)")
+def test_demo_runs_end_to_end_and_decodes_every_test_sentence(tmp_path):
+    env = dict(os.environ, WORK=str(tmp_path / "demo"), VOCAB="600", MAX_UPDATE="4", LOG_INTERVAL="2", LAYERS="1",
+               EMBED="32", FFN="64", HEADS="2", MAX_TOKENS="4000", WARMUP="2",
+               OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run(["bash", os.path.join(REPO, "examples", "demo", "run.sh")], cwd=REPO,
+                          env=env, text=True, capture_output=True, timeout=900)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "make demo: about" in out  # the expected duration is said up front
+    assert "update     4/4 (100%)" in out and "ETA 0m00s" in out
+    test_sentences = sum(1 for _ in open(tmp_path / "demo" / "raw" / "test.de", encoding="utf-8"))
+    assert f"decoded {test_sentences} of {test_sentences} test sentences" in out
+    bleu = [line for line in out.splitlines() if line.strip().startswith("BLEU  =")]
+    assert len(bleu) == 1 and float(bleu[0].split("=")[1]) >= 0
+    assert out.count("    HYP: ") == 5
