@@ -61,7 +61,8 @@ def build_corpus(args) -> str:
     """The gettext corpus, sentencepiece and fairseq-preprocess exactly as examples/demo/run.sh
     (each step skipped when its output exists) under ``args.work``; sets ``args.reference_file``
     to the raw (detokenized) test targets."""
-    raw, spm, data = (os.path.join(args.work, "data", d) for d in ("raw", "spm", "data-bin"))
+    vocab = getattr(args, "vocab", 4000)  # joint sentencepiece size; make demo uses 8000
+    raw, spm, data = (os.path.join(args.work, "data", d) for d in ("raw", f"spm-{vocab}", f"data-bin-{vocab}"))
     os.makedirs(data, exist_ok=True)
     src, tgt = args.src, args.tgt
     if not os.path.exists(os.path.join(raw, f"test.{tgt}")):
@@ -69,9 +70,9 @@ def build_corpus(args) -> str:
         run([sys.executable, "-m", "fairseq_thor.corpus.gettext_pairs", "--src", src, "--tgt", tgt,
              "--out", raw], os.path.join(args.work, "data", "corpus.log"))
     if not os.path.exists(os.path.join(spm, f"test.{tgt}")):
-        step("sentencepiece (joint, 4k unigram)")
+        step(f"sentencepiece (joint, {vocab} unigram)")
         run([sys.executable, "examples/demo/prepare_spm.py", "--raw", raw, "--out", spm, "--src", src,
-             "--tgt", tgt, "--vocab-size", "4000"], os.path.join(args.work, "data", "spm.log"))
+             "--tgt", tgt, "--vocab-size", str(vocab)], os.path.join(args.work, "data", "spm.log"))
     if not os.path.exists(os.path.join(data, f"dict.{tgt}.txt")):
         step("fairseq-preprocess")
         run([os.path.join(BIN, "fairseq-preprocess"), "--source-lang", src, "--target-lang", tgt,

@@ -20,11 +20,11 @@ training time), rebuilt after every cell (and by --report-only) from whatever ce
 
 Default plan (--plan): seeds 1-3 for dense, rdrop, thor2 and switch, seed 1 for thor4 and hash,
 run seed by seed with dense first; --models picks some, --seeds gives every model the same seeds.
-Recipe (each a flag): 3+3 layers, d=256, FFN 1024, 4 heads, shared embeddings, Adam (0.9, 0.98),
-inverse_sqrt, lr 1e-3, warmup 400, dropout 0.3, weight decay 1e-4, label smoothing 0.1, 4,096
-tokens per batch, no clipping, 1,000 updates; experts in every other layer, one per token for
-every model (same active parameters per token: 6.55M with a 4k vocabulary; thor2 8.66M in total,
-thor4 12.86M, Switch/hash E=4 about as many as thor4).
+Recipe (each a flag): make demo's, which was chosen by measurement (examples/demo/README.md):
+3+3 pre-norm layers, d=256, FFN 512, 4 heads, shared embeddings, 8k joint sentencepiece, Adam
+(0.9, 0.98), inverse_sqrt, lr 2e-3, warmup 200, dropout 0.1, weight decay 1e-4, label smoothing
+0.1, 2,048 tokens per batch, no clipping, 1,000 updates; experts in every other layer, one per
+token for every model (the same active parameters per token; the cells record the counts).
 
 Resumable: each cell is written to OUT/cells/<model>-seed<S>.json (atomically) as soon as it is
 done; a rerun skips finished cells (--rerun retrains them), retries failed ones and retrains a cell
@@ -33,11 +33,10 @@ the script exits 1. Checkpoints and logs go to WORK/cells/<model>-seed<S>/, remo
 cell is written unless --keep (a failed cell's logs stay); checkpoints are saved without optimizer
 state, up to ~1.1 GB per cell (thor4: ~22 files of ~51 MB).
 
-Cost, estimated (not measured) from compare.py's per-update costs scaled to FFN 1024 and 4,096
-tokens per batch: on 2 idle CPU cores ~1.5 s per update for a one-pass model and ~3.2 s for a
-two-pass one, i.e. ~26 and ~55 minutes per cell with validation and decoding; the default plan
-(7 one-pass and 7 two-pass cells) ~9.5 hours, roughly twice that with --threads 1 next to another
-job. The progress lines give an ETA from the cells already finished.
+Cost on 2 CPU cores with --threads 1 (tuning runs of this recipe, one neighbour job): ~1.1 s per
+update for a one-pass model and ~2.7 s for THOR, i.e. ~20 and ~45 minutes per cell with
+validation and decoding; the default plan (7 one-pass, 7 two-pass cells) ~7.5 hours, spread over
+sittings. The progress lines give an ETA from the cells already finished.
 """
 import argparse
 import os
@@ -54,10 +53,11 @@ from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data
 from quality_cells import MODELS, cell_path, host_info, read_cell, recipe, recipe_change, run_cell  # noqa: E402
 
 PLAN = "dense:3,rdrop:3,thor2:3,switch:3,thor4:1,hash:1"  # model:seeds (1..n)
-DEFAULTS = dict(layers=3, embed_dim=256, ffn_dim=1024, heads=4, max_update=1000, save_every=50,
-                max_tokens=4096, warmup=400, threads=None)
+# make demo's recipe (examples/demo/README.md: chosen by measurement), run to 1,000 updates
+DEFAULTS = dict(layers=3, embed_dim=256, ffn_dim=512, heads=4, max_update=1000, save_every=50,
+                max_tokens=2048, warmup=200, vocab=8000, threads=None)
 TOY = dict(layers=2, embed_dim=32, ffn_dim=64, heads=2, max_update=10, save_every=5,
-           max_tokens=1000, warmup=5, threads=1)
+           max_tokens=1000, warmup=5, vocab=8000, threads=1)
 
 
 def fail(message: str):
@@ -123,7 +123,9 @@ def parse_args(argv=None):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None,
                        help=f"default {value} ({TOY[key]} with --toy)" +
                             ("; checkpoint, validate and log every K updates" if key == "save_every" else ""))
-    for key, value in dict(lr=1e-3, dropout=0.3, weight_decay=1e-4, label_smoothing=0.1, clip_norm=0.0,
+    p.add_argument("--normalize-before", action=argparse.BooleanOptionalAction, default=True,
+                   help="pre-norm layers, as make demo (default on; --no-normalize-before: post-norm)")
+    for key, value in dict(lr=2e-3, dropout=0.1, weight_decay=1e-4, label_smoothing=0.1, clip_norm=0.0,
                            consistency_alpha=1.0, rdrop_alpha=1.0, capacity_factor=1.0).items():
         p.add_argument("--" + key.replace("_", "-"), type=float, default=value, help="default %(default)s")
     p.add_argument("--consistency-alpha-warmup-updates", type=int, default=0,

@@ -40,7 +40,7 @@ MODELS = {  # dense first: the two-pass models of a seed get its training time
     "hash": Model(None, ["--expert-router", "hash", *GATED], False),
 }
 # the arguments every cell records (the report prints them in its header)
-SETTINGS = ["layers", "embed_dim", "ffn_dim", "heads", "max_update", "save_every", "max_tokens", "warmup",
+SETTINGS = ["layers", "embed_dim", "ffn_dim", "heads", "normalize_before", "vocab", "max_update", "save_every", "max_tokens", "warmup",
             "threads", "lr", "dropout", "weight_decay", "label_smoothing", "clip_norm", "consistency_alpha",
             "consistency_alpha_warmup_updates", "rdrop_alpha", "gated_experts", "capacity_factor",
             "data", "device", "fp16", "remove_bpe", "test_sentences", "references"]
@@ -55,6 +55,7 @@ def train_command(args, name: str, seed: int, save_dir: str) -> list:
     return [str(arg) for arg in [
         os.path.join(BIN, "fairseq-train"), args.data, "--user-dir", USER_DIR, *args.device_flags,
         "--task", "translation_thor", *model_flags(args, model.experts or args.gated_experts), *flags,
+        *(["--encoder-normalize-before", "--decoder-normalize-before"] if args.normalize_before else []),
         "--label-smoothing", args.label_smoothing, "--dropout", args.dropout,
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", args.weight_decay,
         "--clip-norm", args.clip_norm, "--lr", args.lr, "--lr-scheduler", "inverse_sqrt",
