@@ -40,7 +40,8 @@ MODELS = {  # dense first: the two-pass models of a seed get its training time
     "hash": Model(None, ["--expert-router", "hash", *GATED], False),
 }
 # the arguments every cell records (the report prints them in its header)
-SETTINGS = ["layers", "embed_dim", "ffn_dim", "heads", "normalize_before", "vocab", "max_update", "save_every", "max_tokens", "warmup",
+SETTINGS = ["layers", "embed_dim", "ffn_dim", "heads", "normalize_before", "vocab", "max_update",
+            "save_every", "max_tokens", "warmup",
             "threads", "lr", "dropout", "weight_decay", "label_smoothing", "clip_norm", "consistency_alpha",
             "consistency_alpha_warmup_updates", "rdrop_alpha", "gated_experts", "capacity_factor",
             "data", "device", "fp16", "remove_bpe", "test_sentences", "references"]
