@@ -151,8 +151,10 @@ def sacrebleu_scores(hypotheses: List[str], references: List[str]) -> Dict[str, 
 
     if len(hypotheses) != len(references):  # a partial score would look like a real one
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    return {"bleu": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2),
-            "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2)}
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references])
+    # the brevity penalty and length ratio tell a short or run-on output from a wrong one
+    return {"bleu": round(bleu.score, 2), "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
+            "bleu_bp": round(bleu.bp, 3), "length_ratio": round(bleu.sys_len / max(1, bleu.ref_len), 3)}
 
 
 # --- the report -------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ def within_budget(checkpoints: List[dict], budget_s: float) -> Optional[dict]:
 
 
 def _point(checkpoint: dict, **extra) -> dict:
+    lengths = {k: checkpoint[k] for k in ("bleu_bp", "length_ratio") if k in checkpoint}  # cells before these
     return {"updates": checkpoint["updates"], "train_s": checkpoint["train_s"],
-            "bleu": checkpoint["bleu"], "chrf": checkpoint["chrf"], **extra}
+            "bleu": checkpoint["bleu"], "chrf": checkpoint["chrf"], **lengths, **extra}
 
 
 def views(cell: dict, dense_s: Optional[float]) -> Dict[str, dict]:

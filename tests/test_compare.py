@@ -154,6 +154,14 @@ def test_generate_log_parser():
     assert parsed["sentences"] == 2 and parsed["decode_tokens_per_s"] == 1275.33
 
 
+def test_scores_report_the_brevity_penalty_and_length_ratio():
+    refs = ["the cat sat on the mat today", "a dog ran in the park"]
+    full = report.sacrebleu_scores(refs, refs)
+    assert full["bleu"] == 100.0 and full["bleu_bp"] == 1.0 and full["length_ratio"] == 1.0
+    short = report.sacrebleu_scores(["the cat sat", "a dog ran"], refs)  # half the words: penalised
+    assert short["length_ratio"] == round(6 / 13, 3) and short["bleu_bp"] < 0.4
+
+
 def test_active_params_count_one_expert_per_layer_or_two_for_top2():
     E, d, f = 4, 8, 16
     state = {"encoder.layers.0.fc1.weight": torch.zeros(E, f, d), "encoder.layers.0.fc1.bias": torch.zeros(E, f),
