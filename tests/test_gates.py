@@ -87,7 +87,7 @@ def test_hash_gate_keeps_the_contract():
 def test_switch_drops_exactly_the_rows_beyond_capacity():
     # 6 rows over 3 experts: capacity ceil(6 / 3) = 2; expert 0 is wanted by rows 0, 1, 3, 4
     wanted = torch.tensor([0, 0, 1, 0, 0, 2])
-    gate = identity_gate(SwitchGate, 3)
+    gate = identity_gate(SwitchGate, 3, random_drop_order=False)  # rows queue in row order
     decision = gate(5.0 * torch.nn.functional.one_hot(wanted, 3).float())
     assert decision.experts.squeeze(1).tolist() == [0, 0, 1, -1, -1, 2]
     assert int(decision.dropped) == 2
@@ -131,7 +131,7 @@ def test_entropy_of_a_uniform_gate_is_log_e(gate_cls):
 
 
 def test_top2_matches_fairscale_when_rows_divide_evenly():
-    gate = Top2Gate(8, 4)
+    gate = Top2Gate(8, 4, random_drop_order=False)  # fairscale queues rows in row order
     x = torch.randn(12, 8)
     torch.manual_seed(3)
     decision = gate(x)
@@ -220,13 +220,33 @@ def test_evaluation_drops_nothing_by_default_and_training_still_does(gate_cls):
     capacity = slots(gate_cls, 3)  # share ceil(1.0 * 12 / 4)
     trained = gate.train()(x)
     check_contract(trained, 4, capacity)
-    assert torch.equal(trained.experts[:, 0], torch.where(torch.arange(12) < capacity, 0, -1))
+    kept = trained.experts[:, 0] == 0  # expert 0 takes `capacity` of the 12 rows, which ones is random
+    assert int(kept.sum()) == capacity and (trained.experts[~kept, 0] == -1).all()
     evaluated = gate.eval()(x)
     check_contract(evaluated, 4)
     assert (evaluated.experts >= 0).all() and int(evaluated.dropped) == 0
     assert (evaluated.experts[:, 0] == 0).all()
     if gate_cls is Top2Gate:
         assert torch.equal(evaluated.experts[:, 1], 1 + torch.arange(12) % 3)
+
+
+@pytest.mark.parametrize("gate_cls", [SwitchGate, Top2Gate])
+def test_training_drops_overflow_rows_at_random_not_the_last_rows(gate_cls):
+    """Rows are time-major, so dropping the last rows of the queue would drop late positions."""
+    torch.manual_seed(0)
+    x = one_sided_rows(12, 4)  # every row wants expert 0 first; it takes `capacity` of them
+    gate = identity_gate(gate_cls, 4, capacity_factor=1.0).train()
+    capacity, draws = slots(gate_cls, 3), 600
+    kept = torch.stack([gate(x).experts[:, 0] == 0 for _ in range(draws)]).float()  # draws x 12
+    assert (kept.sum(dim=1) == capacity).all()  # the capacity holds at every call
+    # each row keeps expert 0 with probability capacity / 12; chi-square over the 12 rows, 11 dof,
+    # 0.1% critical value 31.3 (row order would keep rows 0..capacity-1 always: chi-square ~ 7,000)
+    observed, expected = kept.sum(dim=0), draws * capacity / 12
+    chi_square = float(((observed - expected) ** 2 / expected).sum())
+    assert chi_square < 31.3, (chi_square, observed.tolist())
+    # the row-order queue that fairscale uses is still there for those who want it
+    ordered = identity_gate(gate_cls, 4, capacity_factor=1.0, random_drop_order=False).train()
+    assert torch.equal(ordered(x).experts[:, 0], torch.where(torch.arange(12) < capacity, 0, -1))
 
 
 @pytest.mark.parametrize("gate_cls", [SwitchGate, Top2Gate])

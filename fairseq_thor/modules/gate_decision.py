@@ -8,7 +8,7 @@ fairscale's ``MOELayer`` (GShard's Algorithm 2) :func:`decision_to_dispatch` bui
 ``(l_aux, combine_weights, dispatch_mask)`` gate contract, whose einsum legend is
 ``s`` rows, ``e`` experts, ``c`` capacity slots per expert, ``m`` model dim.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Tuple
 
 import torch
@@ -35,6 +35,13 @@ class GateDecision:
     load: Tensor
     dropped: Tensor
     entropy: Tensor
+
+
+def rows_taken(decision: GateDecision, index: Tensor) -> GateDecision:
+    """The decision for rows ``index`` of the rows it was made for (a reordering keeps every
+    aggregate: load, drops, entropy and the loss do not depend on row order)."""
+    return replace(decision, experts=decision.experts.index_select(0, index),
+                   weights=decision.weights.index_select(0, index))
 
 
 def make_decision(
