@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import checkpoint_files
+
 ExpertNames = Sequence[Tuple[str, List[str]]]  # (canonical name, its per-expert names here)
 
 _SHARD_FILE = re.compile(r"^(?P<prefix>.*?)(-rank-(?P<rank>\d+)|-shared)\.pt$")
@@ -40,9 +42,9 @@ def shared_path(prefix: str) -> str:
 
 
 def load(path: str) -> dict:
-    """Read one file with torch's safe loader (fairseq_thor allow-lists what checkpoints hold)."""
-    with open(path, "rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=True)
+    """Read one file with torch's safe loader (fairseq_thor allow-lists what checkpoints hold),
+    after checking its CRCs: a damaged file is refused with its name."""
+    return checkpoint_files.load(path)
 
 
 # ---- optimizer state: by position <-> by name --------------------------------------------------
