@@ -81,6 +81,9 @@ def summarize(cells: List[dict], order: List[str]) -> dict:
     rows = []
     for cell in sorted(cells, key=lambda c: (_rank(c["model"], order), c["seed"])):
         row = {k: cell.get(k) for k in ("model", "seed", "status", "error", "train_s", "elapsed_s")}
+        # 1-minute load averages when the cell started and ended: a training uses ~2 on 2 cores,
+        # so a higher figure means something else ran and its times are not comparable
+        row["load"] = [(cell.get(k) or [None])[0] for k in ("load_average_at_start", "load_average_at_end")]
         if cell["status"] == "ok":
             row.update(views(cell, dense_s.get(cell["seed"])))
         rows.append(row)
@@ -136,6 +139,12 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
             *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
+def _relative(text):
+    """Paths inside the repository as the repository-relative paths a reader can use."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    return text.replace(repo, "") if isinstance(text, str) else text
+
+
 def markdown(result: dict) -> str:
     s, models = result["settings"], result["models"]
     out = [
@@ -150,8 +159,8 @@ def markdown(result: dict) -> str:
         f"updates); R-Drop alpha {s.get('rdrop_alpha')}; Switch and hash E={s.get('gated_experts')}, "
         f"capacity factor {s.get('capacity_factor')}. Device {s.get('device')}"
         f"{' (fp16)' if s.get('fp16') else ''}, threads {s.get('threads') or 'default'}. "
-        f"Data `{s.get('data')}`; test split ({s.get('test_sentences')} sentences) decoded with beam 5; "
-        f"detokenized sacreBLEU against {s.get('references')}.", "",
+        f"Data `{_relative(s.get('data'))}`; test split ({s.get('test_sentences')} sentences) decoded with beam 5; "
+        f"detokenized sacreBLEU against {_relative(s.get('references'))}.", "",
         "Mean ± sample standard deviation over seeds; n = seeds. Train s: seconds inside training "
         "steps (fairseq's `train_wall`, whole seconds per logged interval); times compare only on a "
         "machine that was otherwise idle for every cell (each cell records its load average).", "",
@@ -186,17 +195,20 @@ def markdown(result: dict) -> str:
     cell_rows, notes = [], []
     for r in result["cells"]:
         if r["status"] != "ok":
-            cell_rows.append([r["model"], str(r["seed"]), "failed", *["—"] * 6])
+            cell_rows.append([r["model"], str(r["seed"]), "failed", *["—"] * 8])
             notes.append(f"- `{r['model']}` seed {r['seed']} failed: {error_summary(r['error'])}")
             continue
         eu, et = r["equal_updates"], r["equal_time"]
         if "missing" in et:
             notes.append(f"- `{r['model']}` seed {r['seed']}, equal training time: {et['missing']}")
+        load = r.get("load") or [None, None]
         cell_rows.append([r["model"], str(r["seed"]), "ok", f"{eu['bleu']:.2f}", f"{eu['chrf']:.2f}",
+                          "—" if eu.get("length_ratio") is None else f"{eu['length_ratio']:.3f}",
                           *((f"{et['bleu']:.2f}", f"{et['chrf']:.2f}", str(et["updates"]))
-                            if "missing" not in et else ("—", "—", "—")), f"{r['train_s']:.0f}"])
-    out += _table(["model", "seed", "status", "BLEU (eq. updates)", "chrF2", "BLEU (eq. time)", "chrF2",
-                   "updates (eq. time)", "train s"], cell_rows)
+                            if "missing" not in et else ("—", "—", "—")), f"{r['train_s']:.0f}",
+                          " → ".join("—" if x is None else f"{x:.1f}" for x in load)])
+    out += _table(["model", "seed", "status", "BLEU (eq. updates)", "chrF2", "hyp/ref length", "BLEU (eq. time)",
+                   "chrF2", "updates (eq. time)", "train s", "load (start → end)"], cell_rows)
     if notes:
         out += notes + [""]
     out += ["R-Drop's logged validation loss sums its two copies of the batch (fairseq's criterion), so "

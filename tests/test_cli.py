@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -107,6 +108,25 @@ def test_decoding_is_reproducible_with_the_same_seed(trained):
     a = hypotheses(generate(trained, "--inference-routing", "token")[1])
     b = hypotheses(generate(trained, "--inference-routing", "token")[1])
     assert a == b
+
+
+def test_sentence_routing_decodes_the_same_whatever_the_batching(trained, tmp_path):
+    # 10 updates leave the experts nearly equal; make them translate differently, so that which
+    # expert a sentence gets shows in its translation
+    state = torch.load(trained["ckpt"], weights_only=False)
+    noise = torch.Generator().manual_seed(0)
+    for name, tensor in state["model"].items():
+        if tensor.dim() == 3:  # an expert bank, E x out x in: each expert its own noise
+            tensor.add_(3 * tensor.std() * torch.randn(tensor.shape, generator=noise))
+    torch.save(state, tmp_path / "distinct_experts.pt")
+    distinct = {**trained, "ckpt": tmp_path / "distinct_experts.pt"}
+    # each sentence's experts come from its id and the seed, not from its batch
+    by_one = hypotheses(generate(distinct, "--batch-size", "1")[1])
+    by_five = hypotheses(generate(distinct, "--batch-size", "5")[1])
+    whole = hypotheses(generate(distinct)[1])  # --max-tokens 1000: one batch
+    assert len(by_one) == NUM_TEST and by_one == by_five == whole
+    # the seed still matters: another seed draws other experts, hence other translations
+    assert hypotheses(generate(distinct, "--seed", "8")[1]) != whole
 
 
 def test_reference_code_flags_are_accepted(trained):

@@ -2,6 +2,7 @@
 checkpoint is consolidated, decoded on one process, resharded and exported as a dense transformer."""
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -181,3 +182,78 @@ def test_stock_fairseq_train_refuses_to_save_a_sharded_model(sharded, tmp_path):
     assert codes != [0, 0]
     assert "must be trained with fairseq-thor-train" in outs[0]
     assert not any(f.endswith(".pt") for f in os.listdir(tmp_path))
+
+
+# ---- faults: a resume from mixed saves, a failing rank, shared files of deleted saves ----------
+
+@pytest.fixture(scope="module")
+def interval_saves(tmp_path_factory):
+    """Saves every 2 updates, keeping the last one: run to 2 updates, keep rank 1's
+    checkpoint_last aside (what an interrupted later save leaves), resume to 4."""
+    root = tmp_path_factory.mktemp("ep_faults")
+    data, ckpt = make_toy_data(root), root / "ckpt"
+    keep = ["--save-interval-updates", "2", "--keep-interval-updates", "1"]
+    codes, outs = train_in_processes("fairseq-thor-train", data, ckpt, "--max-update", "2", *keep)
+    assert codes == [0, 0], outs[0][-3000:]
+    stale, stale_shared = root / "stale-rank-1.pt", root / "stale-shared.pt"
+    stale.write_bytes((ckpt / "checkpoint_last-rank-1.pt").read_bytes())
+    stale_shared.write_bytes((ckpt / "checkpoint_last-shared.pt").read_bytes())
+    codes, outs = train_in_processes("fairseq-thor-train", data, ckpt, "--max-update", "4", *keep)
+    assert codes == [0, 0], outs[0][-3000:]
+    return {"data": data, "ckpt": ckpt, "stale": stale, "stale_shared": stale_shared, "keep": keep,
+            "log": outs[0]}
+
+
+def test_shared_files_follow_keep_interval_updates(interval_saves):
+    files = set(os.listdir(interval_saves["ckpt"]))
+    numbered = {f for f in files if f.startswith("checkpoint_1_") or f.startswith("checkpoint_2_")}
+    updates = {f.split("-")[0] for f in numbered}
+    assert len(updates) == 1, sorted(files)  # only the newest save, all three of its files
+    (save,) = updates
+    assert numbered == {f"{save}-rank-0.pt", f"{save}-rank-1.pt", f"{save}-shared.pt"}
+    assert "Removing" in interval_saves["log"] and "-shared.pt: fairseq removes the rank files" in interval_saves["log"]
+
+
+def error_lines(out):
+    """The ``error: ...`` lines of a process's output; torch's distributed exception hook prefixes
+    every line of an uncaught error with ``[rankN]: ``."""
+    return [re.sub(r"^\[rank\d+\]: ", "", line) for line in out.splitlines()
+            if re.match(r"^(\[rank\d+\]: )?error: ", line)]
+
+
+def resume_with(interval_saves, tmp_path, stale_name):
+    """Resume from a copy of the save folder whose rank-1 file is the stale one."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(interval_saves["ckpt"], folder)
+    shutil.copy(interval_saves["stale"], folder / stale_name)
+    return folder, train_in_processes("fairseq-thor-train", interval_saves["data"], folder,
+                                      "--max-update", "6", *interval_saves["keep"])
+
+
+def test_ranks_holding_different_saves_are_refused_not_hung(interval_saves, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(interval_saves["ckpt"], folder)
+    shutil.copy(interval_saves["stale"], folder / "checkpoint_last-rank-1.pt")
+    # with its own shared file beside it (keep-interval-updates deleted it), rank 1 alone could
+    # load its older save and train on: the drill's hang
+    shared_name = torch.load(interval_saves["stale"], weights_only=False)["expert_parallel"]["shared_file"]
+    shutil.copy(interval_saves["stale_shared"], folder / shared_name)
+    codes, outs = train_in_processes("fairseq-thor-train", interval_saves["data"], folder,
+                                     "--max-update", "6", *interval_saves["keep"])  # timeout: no hang
+    for code, out in zip(codes, outs):
+        errors = error_lines(out)
+        assert code == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+        assert "the ranks' files come from different saves" in errors[0]
+        assert f"{folder}/checkpoint_last-rank-0.pt (update 4)" in errors[0]
+        assert f"{folder}/checkpoint_last-rank-1.pt (update 2)" in errors[0]
+        assert "--restore-file" in errors[0]
+        assert "train_inner" not in out
+
+
+def test_a_rank_that_cannot_load_its_save_stops_every_rank(interval_saves, tmp_path):
+    # the stale rank file names a shared file that keep-interval-updates deleted: only rank 1 fails
+    folder, (codes, outs) = resume_with(interval_saves, tmp_path, "checkpoint_last-rank-1.pt")
+    for code, out in zip(codes, outs):
+        errors = error_lines(out)
+        assert code == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+        assert "cannot resume from" in errors[0] and "rank 1: no shared file from the same save" in errors[0]

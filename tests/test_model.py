@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import build_model, random_batch
+from fairseq_thor.errors import ThorError
 from fairseq_thor.models.thor_transformer import ThorTransformerModel
 from fairseq_thor.modules.experts import ExpertLinear
 
@@ -104,11 +105,13 @@ def test_set_inference_routing_switches_every_expert_layer(dictionary):
     (["--encoder-expert-layers", "0,2"], "--encoder-expert-layers '0,2': layer index 2 is out of range"),
     (["--decoder-expert-layers", "every-x"], "--decoder-expert-layers 'every-x'"),
     (["--decoder-expert-layers", "first"], "--decoder-expert-layers 'first' is not valid"),
+    (["--encoder-expert-layers", ""], "--encoder-expert-layers is empty;.*('none' for no expert layer)"),
+    (["--decoder-expert-layers", " , "], "--decoder-expert-layers is empty"),
     (["--inference-routing", "fixed", "--inference-expert", "2"], "--inference-expert 2 is out of range"),
     (["--num-experts", "1", "--encoder-expert-ffn-dim", "8"], "--encoder-expert-ffn-dim needs --num-experts > 1"),
 ])
 def test_bad_options_name_the_flag(dictionary, extra, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ThorError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_model("thor_transformer", extra, dictionary=dictionary)
 
 

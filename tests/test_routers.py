@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from conftest import build_model, make_dictionary, random_batch
 from fairseq_thor.criterions.router_stats import collect_decisions, router_loss_and_log
+from fairseq_thor.errors import ThorError
 from fairseq_thor.modules.experts import ExpertLinear, routed
 from fairseq_thor.modules.routing import Route, route_from_choices
 from test_cli import NUM_TEST, hypotheses, make_toy_data, run
@@ -96,8 +97,9 @@ def test_hash_routing_depends_on_the_token_only():
 def test_router_options_are_checked():
     with pytest.raises(SystemExit):
         routed_model("top3")
-    with pytest.raises(ValueError, match="--capacity-factor must be > 0"):
-        routed_model("switch", "--capacity-factor", "0")
+    for bad in ("0", "-1", "inf", "nan"):  # inf used to abort the process at the first step
+        with pytest.raises(ThorError, match=r"--capacity-factor must be a finite number > 0 \(0 < F < inf\)"):
+            routed_model("switch", "--capacity-factor", bad)
     for bad in ("0", "-1", "inf", "nan"):
         with pytest.raises(ValueError, match="--eval-capacity-factor must be a finite number > 0"):
             routed_model("gshard", "--eval-capacity-factor", bad)

@@ -5,6 +5,7 @@ import torch
 from fairseq_thor.modules.routing import (
     draw_sentence_experts,
     draw_token_experts,
+    keyed_sentence_experts,
     make_route,
     route_from_assignment,
 )
@@ -77,3 +78,34 @@ def test_sentence_route_replays_stored_experts():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown routing mode 'random'"):
         make_route("random", 2, 3, 3, torch.device("cpu"))
+
+
+# ---- inference draws keyed by sentence id --------------------------------------------------------
+
+@pytest.mark.parametrize("num_experts", [2, 4, 8])
+def test_keyed_draws_are_uniform_and_independent_across_layers(num_experts):
+    ids = torch.arange(4000)
+    first = keyed_sentence_experts(ids, salt=0, seed=1, num_experts=num_experts)
+    assert chi_square(torch.bincount(first, minlength=num_experts).float()) < CHI2_999[num_experts]
+    # another layer (salt): the pair (expert in layer 0, expert in layer 1) is uniform over E x E
+    second = keyed_sentence_experts(ids, salt=1, seed=1, num_experts=num_experts)
+    pairs = torch.bincount(first * num_experts + second, minlength=num_experts ** 2).float()
+    chi2_999_pairs = {2: 16.27, 4: 37.70, 8: 99.61}  # E*E - 1 degrees of freedom
+    assert chi_square(pairs) < chi2_999_pairs[num_experts], pairs
+    # another seed redraws: about 1/E of the sentences keep their expert
+    other_seed = keyed_sentence_experts(ids, salt=0, seed=2, num_experts=num_experts)
+    same = (first == other_seed).float().mean().item()
+    assert abs(same - 1 / num_experts) < 0.05
+
+
+def test_a_keyed_draw_ignores_batch_order_and_company():
+    ids = torch.tensor([17, 3, 250, 9, 42])
+    together = keyed_sentence_experts(ids, salt=5, seed=7, num_experts=4)
+    alone = torch.cat([keyed_sentence_experts(ids[i:i + 1], salt=5, seed=7, num_experts=4) for i in range(5)])
+    shuffled = keyed_sentence_experts(ids.flip(0), salt=5, seed=7, num_experts=4).flip(0)
+    assert torch.equal(together, alone) and torch.equal(together, shuffled)
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    keyed_sentence_experts(ids, salt=5, seed=7, num_experts=4)
+    assert torch.equal(torch.rand(3), before)  # torch's generator is not used

@@ -20,6 +20,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     label_smoothed_nll_loss,
 )
 
+from ..errors import ThorError
 from ..modules.consistency import symmetric_kl
 from .router_stats import collect_decisions
 from ..shared_flags import add_dataclass_args_once
@@ -36,9 +37,9 @@ def consistency_weight(alpha: float, warmup_updates: int, num_updates: int) -> f
 def check_schedule(alpha, warmup_updates) -> None:
     """Refuse a weight or warm-up fairseq's parser lets through (``nan``, ``inf``) or a caller passes."""
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha < math.inf:
-        raise ValueError(f"--consistency-alpha must be >= 0 and finite (0 <= A < inf), got {alpha}")
+        raise ThorError(f"--consistency-alpha must be >= 0 and finite (0 <= A < inf), got {alpha}")
     if not isinstance(warmup_updates, int) or isinstance(warmup_updates, bool) or warmup_updates < 0:
-        raise ValueError("--consistency-alpha-warmup-updates must be a whole number of updates >= 0 "
+        raise ThorError("--consistency-alpha-warmup-updates must be a whole number of updates >= 0 "
                          f"(0 = no warm-up), got {warmup_updates!r}")
 
 
@@ -81,7 +82,7 @@ class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def current_alpha(self) -> float:
         if self.warmup_updates and self.num_updates is None:
-            raise ValueError(
+            raise ThorError(
                 "--consistency-alpha-warmup-updates needs the update number, which fairseq gives the "
                 "task, not the criterion: train with --task translation_thor or "
                 "translation_multi_simple_epoch_thor (they pass it on)")
@@ -98,7 +99,7 @@ class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
 
         passes = [model(**sample["net_input"]) for _ in range(2)]
         if collect_decisions(model):
-            raise ValueError("--criterion thor_consistency trains THOR's stochastic router; train "
+            raise ThorError("--criterion thor_consistency trains THOR's stochastic router; train "
                              "--expert-router switch/gshard/hash with "
                              "--criterion moe_label_smoothed_cross_entropy (adds their aux loss)")
         lprobs, losses, nll_losses = [], [], []

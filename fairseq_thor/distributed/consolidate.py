@@ -22,6 +22,7 @@ import torch
 from fairseq import checkpoint_utils
 
 from .. import compat
+from ..errors import ThorError
 from . import sharded_checkpoint as shards
 
 logger = logging.getLogger("fairseq_thor.consolidate")
@@ -51,7 +52,7 @@ def one_process_meta(state: dict) -> dict:
     banks = [k for k, v in model.items()
              if k.endswith((".fc1.weight", ".fc2.weight")) and v.dim() == 3]
     if not banks:
-        raise ValueError("the checkpoint has no expert layers (is it a THOR model with --num-experts > 1?)")
+        raise ThorError("the checkpoint has no expert layers (is it a THOR model with --num-experts > 1?)")
     experts = banks + [k[: -len("weight")] + "bias" for k in banks]
     return {"num_experts": model[banks[0]].size(0), "expert_tensors": sorted(experts),
             "param_order": None}
@@ -67,7 +68,7 @@ def load_any(path: str):
         raise FileNotFoundError(f"{path}: no such checkpoint (nor {shards.rank_path(prefix, 0)})")
     state = shards.load(path)
     if model_option(state, "expert_parallel"):
-        raise ValueError(f"{path} is one rank's file of a sharded checkpoint but its shared file "
+        raise ThorError(f"{path} is one rank's file of a sharded checkpoint but its shared file "
                          f"{shards.shared_path(prefix)} is missing")
     return state, one_process_meta(state)
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import checkpoint_files
+from ..errors import ThorError
 
 ExpertNames = Sequence[Tuple[str, List[str]]]  # (canonical name, its per-expert names here)
 
@@ -64,7 +65,7 @@ def optimizer_state_by_position(named: dict, param_names: List[str]) -> dict:
     position = {name: i for i, name in enumerate(param_names)}
     missing = [n for g in named["param_groups"] for n in g["params"] if n not in position]
     if missing:
-        raise ValueError(f"optimizer state names parameters this model does not have: {missing[:3]}")
+        raise ThorError(f"optimizer state names parameters this model does not have: {missing[:3]}")
     state = {k: v for k, v in named.items() if k not in ("state", "param_groups")}
     state["state"] = {position[n]: s for n, s in named["state"].items()}
     # torch matches saved to live parameters by their order within a group: keep the live order
@@ -96,7 +97,7 @@ def _divide(value, parts: int, divide) -> List:
     if isinstance(value, Tensor) and value.dim() > 0:
         pieces = divide(value, parts)
         if len(pieces) != parts:
-            raise ValueError(f"cannot divide a tensor of {value.size(0)} experts into {parts} parts")
+            raise ThorError(f"cannot divide a tensor of {value.size(0)} experts into {parts} parts")
         return [p.clone() for p in pieces]
     return [value] * parts
 
@@ -196,13 +197,13 @@ def check_shard(shared: dict, rank_state: dict, rank: int, prefix: str):
     """Clear errors for a rank file that does not belong with ``shared``."""
     meta = shared.get("expert_parallel")
     if meta is None:
-        raise ValueError(f"{shared_path(prefix)} is not the shared file of an expert-sharded checkpoint")
+        raise ThorError(f"{shared_path(prefix)} is not the shared file of an expert-sharded checkpoint")
     theirs = rank_state.get("expert_parallel", {})
     if theirs.get("rank") != rank or theirs.get("world_size") != meta["world_size"]:
-        raise ValueError(f"{rank_path(prefix, rank)} was saved as rank {theirs.get('rank')} of "
+        raise ThorError(f"{rank_path(prefix, rank)} was saved as rank {theirs.get('rank')} of "
                          f"{theirs.get('world_size')}, expected rank {rank} of {meta['world_size']}")
     if theirs.get("fingerprint") != meta["fingerprint"]:
-        raise ValueError(
+        raise ThorError(
             f"{rank_path(prefix, rank)} and {shared_path(prefix)} come from different saves "
             f"(an interrupted save, or files copied over each other); use another checkpoint"
         )
@@ -256,7 +257,7 @@ def shard(full: dict, meta: dict, world_size: int, fingerprint: str,
     """
     num_experts = meta["num_experts"]
     if num_experts % world_size != 0:
-        raise ValueError(f"--world-size {world_size} must divide the number of experts ({num_experts})")
+        raise ThorError(f"--world-size {world_size} must divide the number of experts ({num_experts})")
     experts = meta["expert_tensors"]
     new_meta = {**meta, "world_size": world_size, "fingerprint": fingerprint, "shared_file": shared_file}
     shared = {k: v for k, v in full.items() if k not in ("model", "last_optimizer_state")}
@@ -282,12 +283,129 @@ def shard(full: dict, meta: dict, world_size: int, fingerprint: str,
     return shared, ranks
 
 
+# ---- keeping shared files in step with fairseq's deletion of old rank files -------------------
+
+_UPDATE_SAVE = re.compile(r"^checkpoint_\d+_(\d+)(-rank-\d+|-shared)?\.pt$")
+_EPOCH_SAVE = re.compile(r"^checkpoint(\d+)(-rank-\d+|-shared)?\.pt$")
+
+
+def _numbered_shared(directory: str, pattern) -> List[Tuple[int, str]]:
+    """(number, path) of the shared files matching ``pattern``, highest number first."""
+    found = []
+    for name in os.listdir(directory):
+        match = pattern.match(name)
+        if match and name.endswith("-shared.pt"):
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return sorted(found, reverse=True)
+
+
+def referenced_shared_files(directory: str) -> set:
+    """Shared files that a copied rank file (checkpoint_best, checkpoint.best_*) depends on: rank-0
+    files without a shared file of their own record the one they were saved with."""
+    referenced = set()
+    for name in os.listdir(directory):
+        if name.endswith("-rank-0.pt") and not os.path.isfile(shared_path(os.path.join(directory, name[: -len("-rank-0.pt")]))):
+            try:  # mmap: only the small pickled part is read
+                meta = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True,
+                                  mmap=True).get("expert_parallel", {})
+            except Exception:  # an unreadable copy protects nothing; loading it reports it
+                continue
+            if meta.get("shared_file"):
+                referenced.add(os.path.join(directory, meta["shared_file"]))
+    return referenced
+
+
+def shared_files_to_remove(directory: str, saving: str, keep_interval_updates: int,
+                           keep_interval_updates_pattern: int, keep_last_epochs: int) -> List[str]:
+    """The shared files to delete when rank 0 saves ``saving``, so they follow fairseq's
+    ``--keep-interval-updates``/``--keep-last-epochs``, which delete only the rank files.
+
+    fairseq removes old rank files right after the save, by the same rules applied here to the
+    shared files; a numbered shared file whose rank-0 file is already gone goes too. A shared file
+    that a copied rank file (checkpoint_best, ...) still needs is kept."""
+    remove = set()
+    for pattern in (_UPDATE_SAVE, _EPOCH_SAVE):
+        for _, path in _numbered_shared(directory, pattern):
+            if not os.path.isfile(rank_path(path[: -len("-shared.pt")], 0)):
+                remove.add(path)
+    name = os.path.basename(saving)
+    if keep_interval_updates > 0 and _UPDATE_SAVE.match(name):  # fairseq's mid-epoch rule
+        saves = [(n, p) for n, p in _numbered_shared(directory, _UPDATE_SAVE)
+                 if keep_interval_updates_pattern <= 0 or n % keep_interval_updates_pattern != 0]
+        remove.update(p for _, p in saves[keep_interval_updates:])
+    if keep_last_epochs > 0 and _EPOCH_SAVE.match(name):
+        remove.update(p for _, p in _numbered_shared(directory, _EPOCH_SAVE)[keep_last_epochs:])
+    return sorted(remove - referenced_shared_files(directory))
+
+
+# ---- resuming on W ranks: do all ranks hold the same save? -------------------------------------
+
+def save_summary(path: str, rank_state: Optional[dict], problem: Optional[str]) -> Optional[dict]:
+    """What one rank tells the others about the file it read (None: it has no file)."""
+    if rank_state is None and problem is None:
+        return None
+    meta = (rank_state or {}).get("expert_parallel", {})
+    history = (rank_state or {}).get("optimizer_history") or [{}]
+    return {"file": path, "world_size": meta.get("world_size", -1), "fingerprint": meta.get("fingerprint"),
+            "updates": history[-1].get("num_updates"), "problem": problem}
+
+
+_NUMBERED_RANK_0 = re.compile(r"^checkpoint(\d+|_\d+_(\d+))-rank-0\.pt$")
+
+
+def newest_complete_save(directory: str, world_size: int) -> Optional[str]:
+    """The newest numbered save in ``directory`` with a shared file and all ``world_size`` rank
+    files (by name: the files are not read), as the path to give ``--restore-file``."""
+    complete = []
+    for name in os.listdir(directory):
+        match = _NUMBERED_RANK_0.match(name)
+        if match is None:
+            continue
+        prefix = os.path.join(directory, name[: -len("-rank-0.pt")])
+        if all(os.path.isfile(p) for p in [shared_path(prefix)] +
+               [rank_path(prefix, r) for r in range(world_size)]):
+            complete.append((os.path.getmtime(rank_path(prefix, 0)), prefix + ".pt"))
+    return max(complete)[1] if complete else None
+
+
+def check_ranks_agree(prefix: str, saved: List[Optional[dict]], world_size: int):
+    """Refuse, identically on every rank, to resume from files that are not one save for this
+    world size; ``saved`` holds every rank's :func:`save_summary`."""
+    problems = [f"rank {r}: {s['problem']}" for r, s in enumerate(saved) if s and s["problem"]]
+    if problems:
+        raise ThorError(f"cannot resume from {prefix}: {'; '.join(problems)}")
+    missing = [rank_path(prefix, r) for r, s in enumerate(saved) if s is None]
+    if missing:
+        raise ThorError(f"cannot resume from {prefix}: {', '.join(missing)} missing; every rank "
+                        f"needs its file ({_resume_hint(prefix, world_size)})")
+    saved_world = saved[0]["world_size"]
+    if any(s["world_size"] != world_size for s in saved):
+        raise ThorError(
+            f"{prefix} was saved by {saved_world} expert-parallel ranks, this run has {world_size}; "
+            f"reshard it first: fairseq-thor-reshard {rank_path(prefix, 0)} "
+            f"--world-size {world_size} --out <new prefix>"
+        )
+    if len({s["fingerprint"] for s in saved}) > 1:
+        listing = ", ".join(f"{s['file']} (update {s['updates']})" for s in saved)
+        raise ThorError(
+            f"the ranks' files come from different saves: {listing}; an interrupted save leaves "
+            f"this, and training on would mix two models ({_resume_hint(prefix, world_size)})"
+        )
+
+
+def _resume_hint(prefix: str, world_size: int) -> str:
+    complete = newest_complete_save(os.path.dirname(os.path.abspath(prefix)), world_size)
+    if complete is None:
+        return "no complete numbered save is beside it: restore the missing files or train afresh"
+    return f"resume every rank from one save, e.g. with --restore-file {complete}"
+
+
 def shared_for(prefix: str, rank_state: dict) -> dict:
     """The shared file saved together with ``rank_state``: ``<prefix>-shared.pt`` or, for a copy
     fairseq made of a rank file, the shared file recorded in it."""
     meta = rank_state.get("expert_parallel")
     if meta is None:
-        raise ValueError(f"{rank_path(prefix, 0)} is not a rank file of an expert-sharded checkpoint")
+        raise ThorError(f"{rank_path(prefix, 0)} is not a rank file of an expert-sharded checkpoint")
     candidates = [shared_path(prefix),
                   os.path.join(os.path.dirname(prefix), meta.get("shared_file", ""))]
     for path in candidates:

@@ -21,6 +21,7 @@ from fairseq import checkpoint_utils, utils
 from fairseq.trainer import Trainer
 from omegaconf import open_dict
 
+from ..errors import ThorError
 from . import sharded_checkpoint as shards
 from .expert_parallel_ffn import expert_parameter_names
 
@@ -33,12 +34,12 @@ def check_expert_parallel_config(cfg):
     """Refuse settings under which expert parallelism would train wrongly, naming the fix."""
     backend = cfg.distributed_training.ddp_backend
     if backend not in EXPERT_PARALLEL_DDP_BACKENDS:
-        raise ValueError(
+        raise ThorError(
             f"--expert-parallel needs --ddp-backend legacy_ddp (got {backend}): it is the backend "
             f"that leaves expert gradients (parameters tagged `expert`) out of the all-reduce"
         )
     if getattr(cfg.task, "eval_bleu", False):
-        raise ValueError(
+        raise ThorError(
             "--eval-bleu decodes step by step, which an --expert-parallel model cannot do across "
             "processes (ranks would finish at different steps); validate on loss, and score BLEU "
             "after fairseq-thor-consolidate"
@@ -47,7 +48,7 @@ def check_expert_parallel_config(cfg):
     if (common.fp16 or common.bf16) and not (common.memory_efficient_fp16 or
                                              common.memory_efficient_bf16 or
                                              common.fp16_no_flatten_grads):
-        raise ValueError(
+        raise ThorError(
             "--expert-parallel with --fp16/--bf16 needs --fp16-no-flatten-grads (or "
             "--memory-efficient-fp16): fairseq's flattened fp32 master copy loses the `expert` "
             "tag, so expert gradients would be clipped as if they were shared"
@@ -102,7 +103,16 @@ class ExpertParallelTrainer(Trainer):
         if shared is not None:
             for path in self._shared_paths(prefix):
                 checkpoint_utils.torch_persistent_save(shared, path)
+            self._remove_old_shared_files(filename)
         return os.path.abspath(filename)
+
+    def _remove_old_shared_files(self, saving: str):
+        cfg = self.cfg.checkpoint
+        for path in shards.shared_files_to_remove(
+                os.path.dirname(os.path.abspath(saving)), saving,
+                cfg.keep_interval_updates, cfg.keep_interval_updates_pattern, cfg.keep_last_epochs):
+            logger.info(f"Removing {path}: fairseq removes the rank files of that save")
+            os.remove(path)
 
     def _shared_paths(self, prefix):
         """fairseq copies the rank files it saved to checkpoint_last (and best) but not the shared
@@ -122,29 +132,30 @@ class ExpertParallelTrainer(Trainer):
         rank, world = self.data_parallel_rank, self.data_parallel_world_size
         prefix = shards.checkpoint_prefix(filename)
         own = shards.rank_path(prefix, rank)
-        rank_state = shards.load(own) if os.path.isfile(own) else None
-        # every rank learns which ranks have a file and the world size they were saved with
+        # Every rank reads its files, then all ranks compare what they read before any of them
+        # goes on: a rank that failed alone, or ranks holding different saves, would otherwise
+        # leave the others blocked in the first collective of training, for ever.
+        rank_state, shared, problem = None, None, None
+        try:
+            if os.path.isfile(own):
+                rank_state = shards.load(own)
+                if rank_state.get("expert_parallel", {}).get("world_size") == world:
+                    shared = shards.shared_for(prefix, rank_state)
+                    shards.check_shard(shared, rank_state, rank, prefix)
+        except (ThorError, OSError) as e:
+            problem = str(e)
         saved = [None] * world
-        dist.all_gather_object(
-            saved, rank_state and rank_state.get("expert_parallel", {}).get("world_size", -1),
-            group=self.data_parallel_process_group)
-        if all(w is None for w in saved):
+        dist.all_gather_object(saved, shards.save_summary(own, rank_state, problem),
+                               group=self.data_parallel_process_group)
+        if all(s is None for s in saved):
             if os.path.isfile(filename) and not os.path.isfile(shards.shared_path(prefix)):
-                raise ValueError(
+                raise ThorError(
                     f"{filename} is a one-process checkpoint; split it for expert parallelism "
                     f"with: fairseq-thor-reshard {filename} --world-size {world} --out <prefix>"
                 )
             return super().load_checkpoint(own, reset_optimizer, reset_lr_scheduler,
                                            optimizer_overrides, reset_meters)
-        saved_world = next(w for w in saved if w is not None)
-        if any(w != world for w in saved):
-            raise ValueError(
-                f"{prefix} was saved by {saved_world} expert-parallel ranks, this run has {world}; "
-                f"reshard it first: fairseq-thor-reshard {shards.rank_path(prefix, 0)} "
-                f"--world-size {world} --out <new prefix>"
-            )
-        shared = shards.shared_for(prefix, rank_state)
-        shards.check_shard(shared, rank_state, rank, prefix)
+        shards.check_ranks_agree(prefix, saved, world)
         state = shards.merge_for_rank(shared, rank_state, self._param_names(),
                                       expert_parameter_names(self._model))
         # fairseq's loader reads a file: hand it this rank's merged state as one

@@ -19,6 +19,7 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor, nn
 
+from ..errors import ThorError
 from ..distributed.expert_parallel_ffn import ExpertParallelFFN, random_decision
 from ..modules.experts import ExpertLinear, routed
 from ..modules.gate_decision import GateDecision
@@ -28,6 +29,7 @@ from ..modules.routing import (
     Route,
     draw_balanced_experts,
     draw_sentence_experts,
+    keyed_sentence_experts,
     make_route,
     route_from_choices,
 )
@@ -46,10 +48,14 @@ class ExpertFFNMixin:
     ``super().__init__`` runs, because fairseq builds fc1/fc2 inside its constructor."""
 
     spec: ExpertSpec
+    # Evaluation and decoding key THOR's per-sentence draws by sentence id (set by the model for
+    # each batch, see ThorTransformerModel.set_sentence_keys) and by layer (``route_salt``).
+    sentence_keys: Optional[Tensor] = None
+    route_salt: int = 0
 
     def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
         if q_noise > 0:
-            raise ValueError("--quant-noise-pq is not supported on THOR expert layers")
+            raise ThorError("--quant-noise-pq is not supported on THOR expert layers")
         ffn_dim = self.spec.ffn_dim or output_dim
         self._build_gate(input_dim)
         fc1 = ExpertLinear(self.spec.num_experts, input_dim, ffn_dim, dispatches=True)
@@ -143,8 +149,23 @@ class ExpertFFNMixin:
     def routing_mode(self) -> str:
         return self.spec.train_routing if self.training else self.spec.inference_routing
 
+    def keyed_sentence_experts(self, batch_size: int) -> Optional[Tensor]:
+        """The sentences' experts from their ids, when evaluating with sentence routing and ids
+        are known; None otherwise (the draw is then torch's). Beam search runs ``beam`` rows per
+        sentence, one sentence after the other: every hypothesis of a sentence gets its experts."""
+        keys = self.sentence_keys
+        if (keys is None or self.training or self.routing_mode != "sentence"
+                or self.spec.router != "stochastic"):
+            return None
+        if batch_size % len(keys):
+            raise RuntimeError(f"{batch_size} rows for {len(keys)} sentence ids: not one block per sentence")
+        return keyed_sentence_experts(keys.repeat_interleave(batch_size // len(keys)), self.route_salt,
+                                      torch.initial_seed(), self.spec.num_experts)
+
     def make_route(self, x: Tensor, sentence_experts: Optional[Tensor] = None) -> Route:
         seq_len, batch_size = x.shape[0], x.shape[1]  # x: T x B x C
+        if sentence_experts is None:
+            sentence_experts = self.keyed_sentence_experts(batch_size)
         return make_route(self.routing_mode, self.spec.num_experts, seq_len, batch_size, x.device,
                           fixed_expert=self.spec.inference_expert,
                           sentence_experts=sentence_experts)
@@ -174,16 +195,16 @@ class ThorTransformerDecoderLayer(ExpertFFNMixin, TransformerDecoderLayerBase):
                          add_zero_attn=add_zero_attn)
         scale_fc_width = getattr(self.ffn_layernorm, "normalized_shape", None)
         if scale_fc_width is not None and spec.ffn_dim is not None and scale_fc_width[0] != spec.ffn_dim:
-            raise ValueError("--scale-fc needs --decoder-expert-ffn-dim equal to --decoder-ffn-embed-dim")
+            raise ThorError("--scale-fc needs --decoder-expert-ffn-dim equal to --decoder-ffn-embed-dim")
         if spec.expert_parallel and self.ffn_layernorm is not None:
-            raise ValueError("--scale-fc is not supported with --expert-parallel")
+            raise ThorError("--scale-fc is not supported with --expert-parallel")
         self._hand_ffn_to_experts()
 
     def forward(self, x, encoder_out=None, encoder_padding_mask=None,
                 incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
                 *args, **kwargs):
         if incremental_state is not None and self.spec.expert_parallel:
-            raise ValueError(
+            raise ThorError(
                 "an --expert-parallel model cannot decode step by step across processes; "
                 "consolidate its checkpoint with fairseq-thor-consolidate and decode on one device"
             )
@@ -198,7 +219,9 @@ class ThorTransformerDecoderLayer(ExpertFFNMixin, TransformerDecoderLayerBase):
             return None
         saved = self.get_incremental_state(incremental_state, "route")
         if saved is None:
-            experts = draw_sentence_experts(self.routing_mode, self.spec.num_experts, x.size(1))
+            experts = self.keyed_sentence_experts(x.size(1))
+            if experts is None:
+                experts = draw_sentence_experts(self.routing_mode, self.spec.num_experts, x.size(1))
             self.set_incremental_state(incremental_state, "route", {"experts": experts})
             return experts
         return saved["experts"]

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import FrozenSet, Optional
 
+from ..errors import ThorError
 from ..modules.routing import INFERENCE_ROUTING, TRAIN_ROUTING
 
 # "stochastic" is THOR. The others are the baselines THOR is compared with (Zuo et al., Sec. 5):
@@ -110,6 +111,8 @@ def set_expert_defaults(args):
 def parse_expert_layers(spec: str, num_layers: int, option: str) -> FrozenSet[int]:
     """Turn an expert-layer SPEC into the set of 0-based layer indices; errors name ``option``."""
     spec = str(spec).strip().lower()
+    if not spec.strip(", "):  # "" would otherwise mean "no expert layer" without saying so
+        raise ThorError(f"{option} is empty; {EXPERT_LAYERS_HELP} ('none' for no expert layer)")
     if spec == "alternate":
         return frozenset(range(0, num_layers, 2))
     if spec == "all":
@@ -119,15 +122,15 @@ def parse_expert_layers(spec: str, num_layers: int, option: str) -> FrozenSet[in
     if spec.startswith("every-"):
         step = spec[len("every-"):]
         if not step.isdigit() or int(step) < 1:
-            raise ValueError(f"{option} {spec!r}: 'every-N' needs a positive integer N")
+            raise ThorError(f"{option} {spec!r}: 'every-N' needs a positive integer N")
         return frozenset(range(0, num_layers, int(step)))
     try:
         indices = [int(tok) for tok in spec.split(",") if tok.strip()]
     except ValueError:
-        raise ValueError(f"{option} {spec!r} is not valid; {EXPERT_LAYERS_HELP}") from None
+        raise ThorError(f"{option} {spec!r} is not valid; {EXPERT_LAYERS_HELP}") from None
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(
+        raise ThorError(
             f"{option} {spec!r}: layer index {bad[0]} is out of range; the model has "
             f"{num_layers} layers, so valid indices are 0..{num_layers - 1}"
         )
@@ -181,51 +184,52 @@ def _unless_none(value, default):
 def validate_expert_args(cfg):
     """Clear errors for impossible THOR settings, naming the flag and what is valid."""
     if cfg.num_experts < 1:
-        raise ValueError(f"--num-experts must be >= 1 (1 gives a dense transformer), got {cfg.num_experts}")
+        raise ThorError(f"--num-experts must be >= 1 (1 gives a dense transformer), got {cfg.num_experts}")
     for side in ("encoder", "decoder"):
         dim = getattr(cfg, f"{side}_expert_ffn_dim")
         if dim is not None and dim < 1:
-            raise ValueError(f"--{side}-expert-ffn-dim must be a positive width, got {dim}")
+            raise ThorError(f"--{side}-expert-ffn-dim must be a positive width, got {dim}")
         if dim is not None and cfg.num_experts == 1:
-            raise ValueError(
+            raise ThorError(
                 f"--{side}-expert-ffn-dim needs --num-experts > 1; a one-expert model is dense, "
                 f"so set --{side}-ffn-embed-dim instead"
             )
     router = getattr(cfg, "expert_router", None) or "stochastic"
     if router not in ROUTERS:
-        raise ValueError(f"--expert-router {router!r}; valid: {', '.join(ROUTERS)}")
-    capacity_factor = getattr(cfg, "capacity_factor", None)
-    if capacity_factor is not None and capacity_factor <= 0:
-        raise ValueError(f"--capacity-factor must be > 0, got {cfg.capacity_factor}")
+        raise ThorError(f"--expert-router {router!r}; valid: {', '.join(ROUTERS)}")
+    validate_capacity_factor("--capacity-factor", getattr(cfg, "capacity_factor", None))
     validate_eval_capacity_factor(getattr(cfg, "eval_capacity_factor", None))
     if getattr(cfg, "expert_parallel", False) and cfg.num_experts < 2:
-        raise ValueError("--expert-parallel needs --num-experts >= 2 (a one-expert model is dense)")
+        raise ThorError("--expert-parallel needs --num-experts >= 2 (a one-expert model is dense)")
     if cfg.expert_routing not in TRAIN_ROUTING:
-        raise ValueError(f"--expert-routing {cfg.expert_routing!r}; valid: {', '.join(TRAIN_ROUTING)}")
+        raise ThorError(f"--expert-routing {cfg.expert_routing!r}; valid: {', '.join(TRAIN_ROUTING)}")
     validate_inference(cfg)
 
 
-def validate_eval_capacity_factor(factor: Optional[float]):
+def validate_capacity_factor(option: str, factor: Optional[float], unset: str = ""):
+    """A capacity factor is a finite number > 0 (None: the flag is unset)."""
     if factor is not None and not (math.isfinite(factor) and factor > 0):
-        raise ValueError(
-            f"--eval-capacity-factor must be a finite number > 0, got {factor}; leave it unset "
-            f"to drop no token when evaluating"
-        )
+        raise ThorError(f"{option} must be a finite number > 0 (0 < F < inf), got {factor}{unset}")
+
+
+def validate_eval_capacity_factor(factor: Optional[float]):
+    validate_capacity_factor("--eval-capacity-factor", factor,
+                             "; leave it unset to drop no token when evaluating")
 
 
 def validate_inference(cfg):
     """``cfg``: anything with num_experts, inference_routing and inference_expert."""
     if cfg.inference_routing not in INFERENCE_ROUTING:
-        raise ValueError(
+        raise ThorError(
             f"--inference-routing {cfg.inference_routing!r}; valid: {', '.join(INFERENCE_ROUTING)}"
         )
     if not 0 <= cfg.inference_expert < cfg.num_experts:
-        raise ValueError(
+        raise ThorError(
             f"--inference-expert {cfg.inference_expert} is out of range for a model with "
             f"{cfg.num_experts} experts; valid: 0..{cfg.num_experts - 1}"
         )
     if getattr(cfg, "expert_parallel", False) and cfg.inference_routing in ("mean", "merged"):
-        raise ValueError(
+        raise ThorError(
             f"--inference-routing {cfg.inference_routing} needs every expert in one process; an "
             f"--expert-parallel model validates with sentence, token, batch or fixed routing. "
             f"Consolidate the checkpoint (fairseq-thor-consolidate) to decode with it"

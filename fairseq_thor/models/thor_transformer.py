@@ -8,6 +8,7 @@ model (and its state dict) is exactly a dense transformer.
 from dataclasses import replace
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from fairseq.distributed import fsdp_wrap
@@ -23,7 +24,9 @@ from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
+from torch import Tensor
 
+from ..errors import ThorError
 from ..distributed.expert_parallel_ffn import ExpertParallelFFN
 from ..modules.experts import ExpertLinear
 from .expert_layers import ExpertFFNMixin, ThorTransformerDecoderLayer, ThorTransformerEncoderLayer
@@ -34,6 +37,9 @@ from .expert_options import (
     validate_eval_capacity_factor,
     validate_inference,
 )
+
+
+DECODER_SALT = 1 << 20  # decoder layer i is keyed apart from encoder layer i
 
 
 def wrap_layer(layer, cfg):
@@ -70,6 +76,7 @@ class ThorTransformerEncoder(TransformerEncoderBase):
         index, self._layers_built = self._layers_built, self._layers_built + 1
         if self.expert_spec.has_experts(index):
             layer = ThorTransformerEncoderLayer(cfg, self.expert_spec, return_fc=self.return_fc)
+            layer.route_salt = index  # keyed inference draws differ per layer
         else:
             layer = TransformerEncoderLayerBase(cfg, return_fc=self.return_fc)
         return wrap_layer(layer, cfg)
@@ -95,6 +102,7 @@ class ThorTransformerDecoder(TransformerDecoderBase):
         index, self._layers_built = self._layers_built, self._layers_built + 1
         if self.expert_spec.has_experts(index):
             layer = ThorTransformerDecoderLayer(cfg, self.expert_spec, no_encoder_attn)
+            layer.route_salt = DECODER_SALT + index
         else:
             layer = TransformerDecoderLayerBase(cfg, no_encoder_attn)
         return wrap_layer(layer, cfg)
@@ -113,7 +121,7 @@ class ThorTransformerModel(TransformerModel):
     def build_model(cls, args, task):
         set_expert_defaults(args)
         if args.expert_parallel and not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
+            raise ThorError(
                 "this is an --expert-parallel model, whose experts live on several processes: "
                 "train it with one process per rank (fairseq-thor-train, --distributed-world-size "
                 "W > 1; see the README). To decode or evaluate on one device, consolidate the "
@@ -138,6 +146,18 @@ class ThorTransformerModel(TransformerModel):
                 spec = replace(layer.spec, inference_routing=mode, inference_expert=expert)
                 validate_inference(spec)
                 layer.spec = spec
+
+    sentence_key_ids: Optional[Tensor] = None
+
+    def set_sentence_keys(self, ids: Optional[Tensor]):
+        """The ids of the batch's sentences (``sample["id"]``), or None: with them, evaluation and
+        decoding draw each sentence's experts from its id and the seed, not from the batch it is
+        in (the THOR tasks set them around every validation and decoding step)."""
+        keys = None if ids is None else ids.detach().to("cpu", torch.long)
+        self.sentence_key_ids = keys
+        for layer in self.modules():
+            if isinstance(layer, ExpertFFNMixin):
+                layer.sentence_keys = keys
 
     def set_eval_capacity_factor(self, factor: Optional[float]):
         """Cap the Switch/GShard experts at ``factor`` x their even share when evaluating and
@@ -166,7 +186,7 @@ class ThorTransformerModel(TransformerModel):
             theirs = state_dict.get(f"{name}.weight") if isinstance(bank, ExpertLinear) else None
             if theirs is not None and (theirs.dim() != 3 or theirs.shape[0] != bank.num_experts):
                 found = theirs.shape[0] if theirs.dim() == 3 else 1
-                raise ValueError(
+                raise ThorError(
                     f"checkpoint has {found} expert(s) in {name} but this model was built with "
                     f"--num-experts {bank.num_experts}; load it with its own number of experts "
                     f"(drop --num-experts or the num_experts model override)"

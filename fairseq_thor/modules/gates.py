@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from fairscale.nn.moe.top2gate import gumbel_map, top2gating
 from torch import Tensor, nn
 
+from ..errors import ThorError
 from .gate_decision import (
     GateDecision,
     load_balancing_loss,
@@ -187,7 +188,7 @@ class Top2Gate(_LearnedGate):
     def __init__(self, model_dim: int, num_experts: int, capacity_factor: float = 1.0,
                  eval_capacity_factor: Optional[float] = None, random_drop_order: bool = True):
         if num_experts < 2:
-            raise ValueError(f"top-2 routing needs at least 2 experts, got {num_experts}")
+            raise ThorError(f"top-2 routing needs at least 2 experts, got {num_experts}")
         super().__init__(model_dim, num_experts, capacity_factor, eval_capacity_factor,
                          random_drop_order)
 

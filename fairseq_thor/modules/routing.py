@@ -77,6 +77,29 @@ def draw_sentence_experts(mode: str, num_experts: int, batch_size: int) -> Tenso
     raise ValueError(f"mode {mode!r} is not drawn per sentence")
 
 
+def keyed_sentence_experts(keys: Tensor, salt: int, seed: int, num_experts: int) -> Tensor:
+    """One expert per sentence from ``(seed, salt, sentence id)`` alone (CPU long ``(B,)``).
+
+    At inference the draw is keyed instead of taken from torch's generator, so a sentence gets the
+    same experts whatever else is in its batch, in whatever order: decoding is reproducible from
+    ``--seed`` whatever the batch size. ``salt`` tells layers apart. Every expert is equally
+    likely (splitmix64 mixing; the modulo bias is below 1e-17).
+    """
+    base = _splitmix64(_splitmix64(seed) ^ salt)
+    return torch.tensor([_splitmix64(base ^ key) % num_experts for key in keys.tolist()], dtype=torch.long)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """Steele et al.'s SplitMix64 finaliser: a bijection of 64-bit ints with strong avalanche."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def draw_token_experts(num_experts: int, seq_len: int, batch_size: int) -> Tensor:
     """One expert id per token, shaped like the layer input: ``(T, B)``."""
     return torch.randint(num_experts, (seq_len, batch_size))

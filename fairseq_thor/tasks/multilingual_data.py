@@ -9,6 +9,8 @@ from fairseq.data import ConcatDataset
 from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
 from fairseq.file_io import PathManager
 
+from ..errors import ThorError
+
 
 class DirectionTaggedDataset(ConcatDataset):
     """fairseq's concatenation of per-direction eval sets whose batches name each row's direction.
@@ -40,11 +42,11 @@ def check_languages(args: Namespace):
     pairs = args.lang_pairs.split(",") if isinstance(args.lang_pairs, str) else list(args.lang_pairs)
     for pair in pairs:
         if len(pair.split("-")) != 2 or not all(pair.split("-")):
-            raise ValueError(f"--lang-pairs: '{pair}' is not of the form SRC-TGT")
+            raise ThorError(f"--lang-pairs: '{pair}' is not of the form SRC-TGT")
     pair_langs = sorted({lang for pair in pairs for lang in pair.split("-")})
     if args.source_lang is not None or args.target_lang is not None:  # decoding one direction
         if args.source_lang is None or args.target_lang is None:
-            raise ValueError("--source-lang and --target-lang must be given together")
+            raise ThorError("--source-lang and --target-lang must be given together")
         wanted = {"--source-lang": [args.source_lang], "--target-lang": [args.target_lang]}
     else:
         wanted = {"--lang-pairs": pair_langs}
@@ -56,7 +58,7 @@ def check_languages(args: Namespace):
     for option, langs in wanted.items():
         missing = [lang for lang in langs if lang not in known]
         if missing:
-            raise ValueError(f"{option} names {', '.join(missing)}, which {listing} does not list "
+            raise ThorError(f"{option} names {', '.join(missing)}, which {listing} does not list "
                              f"(languages: {', '.join(known)}); add it there or fix {option}")
 
     if args.source_dict or args.target_dict or args.fixed_dictionary:
@@ -66,5 +68,5 @@ def check_languages(args: Namespace):
         for lang in langs:
             path = os.path.join(data, f"dict.{lang}.txt")
             if not PathManager.exists(path):
-                raise ValueError(f"{option} names language '{lang}' but its dictionary {path} does "
+                raise ThorError(f"{option} names language '{lang}' but its dictionary {path} does "
                                  f"not exist; preprocess that language into {data} or fix {option}")

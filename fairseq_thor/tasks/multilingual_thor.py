@@ -36,9 +36,13 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import EVAL_BLEU_ORDER
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
+from ..errors import ThorError
 from ..shared_flags import add_dataclass_args_once
+from .empty_splits import refuse_empty_split
+from .keyed_draws import SentenceKeyedDraws
 from .multilingual_data import DirectionTaggedDataset, check_languages
 from .thor_flags import ThorTaskFlags, build_with_thor_flags
+from .training_guards import TrainingGuards
 from .translation_thor import PassUpdateNumToCriterion, ThorTranslationConfig
 
 logger = logging.getLogger(__name__)
@@ -68,7 +72,8 @@ def sacrebleu_score(counts, totals, sys_len, ref_len) -> float:
 
 
 @register_task("translation_multi_simple_epoch_thor")
-class MultilingualThorTask(PassUpdateNumToCriterion, TranslationMultiSimpleEpochTask):
+class MultilingualThorTask(TrainingGuards, SentenceKeyedDraws, PassUpdateNumToCriterion,
+                           TranslationMultiSimpleEpochTask):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
@@ -80,7 +85,7 @@ class MultilingualThorTask(PassUpdateNumToCriterion, TranslationMultiSimpleEpoch
         check_languages(args)
         if args.eval_bleu and args.lang_tok_replacing_bos_eos:
             # fairseq then builds the valid set as a SampledMultiDataset, whose rows carry no direction
-            raise ValueError("--eval-bleu does not support --lang-tok-replacing-bos-eos")
+            raise ThorError("--eval-bleu does not support --lang-tok-replacing-bos-eos")
         return super().setup_task(args, **kwargs)
 
     def build_model(self, args, from_checkpoint=False):
@@ -99,6 +104,7 @@ class MultilingualThorTask(PassUpdateNumToCriterion, TranslationMultiSimpleEpoch
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         self._check_pairs_in_data(split)
+        refuse_empty_split(self.args.data, split, self.lang_pairs)
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         dataset = self.datasets[split]
         if split != self.args.train_subset and type(dataset) is ConcatDataset:
@@ -116,7 +122,7 @@ class MultilingualThorTask(PassUpdateNumToCriterion, TranslationMultiSimpleEpoch
             # fairseq also reads a pair from the reversed direction's files
             if not any(self.data_manager.split_exists(split, a, b, src, path, self.args.dataset_impl)
                        for path in paths for a, b in ((src, tgt), (tgt, src))):
-                raise ValueError(f"{option} asks for {pair} but {paths[0]} has no {split}.{src}-{tgt}.* "
+                raise ThorError(f"{option} asks for {pair} but {paths[0]} has no {split}.{src}-{tgt}.* "
                                  f"or {split}.{tgt}-{src}.* files; binarize that pair or drop it")
 
     def get_batch_iterator(self, dataset, **kwargs):

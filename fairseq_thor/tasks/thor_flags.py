@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from fairseq.dataclass import FairseqDataclass
 
+from ..errors import ThorError
 from ..criterions.thor_consistency import CONSISTENCY_ALPHA_HELP, DEFAULT_CONSISTENCY_ALPHA
 from ..models.thor_transformer import ThorTransformerModel
 from ..modules.routing import InferenceRoutingChoice
@@ -49,11 +50,11 @@ def requested_inference_routing(flags) -> Optional[str]:
     """The routing asked for by ``--inference-routing``/``--inference-level``, or None."""
     level = flags.inference_level
     if level is not None and level not in INFERENCE_LEVELS:
-        raise ValueError(f"--inference-level must be 0 (token) or 1 (sentence), got {level}")
+        raise ThorError(f"--inference-level must be 0 (token) or 1 (sentence), got {level}")
     by_level = INFERENCE_LEVELS.get(level)
     routing = None if flags.inference_routing is None else str(flags.inference_routing)
     if by_level is not None and routing is not None and by_level != routing:
-        raise ValueError(
+        raise ThorError(
             f"--inference-level {level} means '{by_level}' routing but --inference-routing "
             f"is '{routing}'; give one of them"
         )
@@ -66,17 +67,17 @@ def build_with_thor_flags(flags, model_cfg, build: Callable[[], object]):
     ``--eval-capacity-factor``."""
     wanted, found = flags.num_experts, getattr(model_cfg, "num_experts", None)
     if wanted is not None and found is not None and wanted != found:
-        raise ValueError(f"--num-experts {wanted} does not match the model, which has {found} "
+        raise ThorError(f"--num-experts {wanted} does not match the model, which has {found} "
                          f"experts; drop --num-experts or pass {found}")
     model = build()
     routing, expert = requested_inference_routing(flags), flags.inference_expert
     if routing is not None or expert is not None:
         if not isinstance(model, ThorTransformerModel):
-            raise ValueError("--inference-routing / --inference-expert need a thor_transformer model")
+            raise ThorError("--inference-routing / --inference-expert need a thor_transformer model")
         model.set_inference_routing(routing or model.args.inference_routing,
                                     model.args.inference_expert if expert is None else expert)
     if flags.eval_capacity_factor is not None:
         if not isinstance(model, ThorTransformerModel):
-            raise ValueError("--eval-capacity-factor needs a thor_transformer model")
+            raise ThorError("--eval-capacity-factor needs a thor_transformer model")
         model.set_eval_capacity_factor(flags.eval_capacity_factor)
     return model

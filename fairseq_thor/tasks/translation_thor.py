@@ -8,6 +8,9 @@
   (used by the THOR criterion in training, accepted and unused when decoding).
 * The criterion learns fairseq's update number (``thor_consistency``'s
   ``--consistency-alpha-warmup-updates`` needs it): see ``PassUpdateNumToCriterion``.
+* Training commands get the checks of ``training_guards`` (a finished run is not extended,
+  ``--fp16`` needs CUDA, ``--consistency-alpha`` needs ``--criterion thor_consistency``).
+* An empty split is refused with its name and files (``empty_splits``).
 * Every sentence of a validation or test split is evaluated: fairseq's ``batch_by_size`` drops a
   final batch whose size is not a multiple of ``--required-batch-size-multiple`` (default 8), so
   outside training this task asks for a multiple of 1.
@@ -19,7 +22,10 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from ..shared_flags import add_dataclass_args_once
+from .empty_splits import refuse_empty_split
+from .keyed_draws import SentenceKeyedDraws
 from .thor_flags import ThorTaskFlags, build_with_thor_flags
+from .training_guards import TrainingGuards
 
 
 @dataclass
@@ -41,7 +47,7 @@ class PassUpdateNumToCriterion:
 
 
 @register_task("translation_thor", dataclass=ThorTranslationConfig)
-class ThorTranslationTask(PassUpdateNumToCriterion, TranslationTask):
+class ThorTranslationTask(TrainingGuards, SentenceKeyedDraws, PassUpdateNumToCriterion, TranslationTask):
     cfg: ThorTranslationConfig
 
     @classmethod
@@ -52,6 +58,11 @@ class ThorTranslationTask(PassUpdateNumToCriterion, TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
         return build_with_thor_flags(self.cfg, cfg, lambda: super(ThorTranslationTask, self).build_model(
             cfg, from_checkpoint))
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        src, tgt = self.cfg.source_lang, self.cfg.target_lang
+        refuse_empty_split(self.cfg.data, split, [f"{src}-{tgt}"] if src and tgt else None)
+        return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
 
     def get_batch_iterator(self, dataset, **kwargs):
         if dataset is not self.datasets.get(self.cfg.train_subset):
