@@ -257,3 +257,24 @@ def test_a_rank_that_cannot_load_its_save_stops_every_rank(interval_saves, tmp_p
         errors = error_lines(out)
         assert code == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
         assert "cannot resume from" in errors[0] and "rank 1: no shared file from the same save" in errors[0]
+
+
+def test_a_damaged_rank_file_is_refused_by_consolidate_and_by_resume(interval_saves, tmp_path):
+    from test_checkpoint_files import flip_bytes_inside_largest_entry
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(interval_saves["ckpt"], folder)
+    damaged = folder / "checkpoint_last-rank-1.pt"
+    flip_bytes_inside_largest_entry(damaged)
+    code, out = run("fairseq-thor-consolidate", folder / "checkpoint_last", "--out", tmp_path / "one.pt",
+                    check=False)
+    errors = error_lines(out)
+    assert code == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert f"checkpoint {damaged} cannot be used" in errors[0] and "fails the CRC check" in errors[0]
+    assert not (tmp_path / "one.pt").exists()
+    codes, outs = train_in_processes("fairseq-thor-train", interval_saves["data"], folder,
+                                     "--max-update", "6", *interval_saves["keep"])
+    for code, out in zip(codes, outs):
+        errors = error_lines(out)
+        assert code == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+        assert f"rank 1: checkpoint {damaged} cannot be used" in errors[0]
