@@ -193,3 +193,12 @@ def test_resume_refuses_a_damaged_checkpoint_last_and_names_the_one_to_use(saves
     _, out = run("fairseq-train", *train, "--max-update", "6", "--restore-file", newest)
     assert f"Loaded checkpoint {newest} (epoch {epoch} @ 4 updates)" in out, out[-3000:]
     assert "num_updates 6" in out, out[-3000:]
+
+
+@pytest.mark.cli
+def test_export_refuses_a_damaged_checkpoint_in_one_line(saves, tmp_path):
+    folder = damaged_copy(saves, tmp_path, truncate)
+    code, out = run("fairseq-thor-export-dense", folder / "checkpoint_last.pt", "--out", tmp_path / "dense.pt",
+                    check=False)
+    assert code == 1 and not (tmp_path / "dense.pt").exists()
+    assert_one_line_error(out, folder / "checkpoint_last.pt", newest_numbered(folder)[0])

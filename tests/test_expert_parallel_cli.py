@@ -272,6 +272,9 @@ def test_a_damaged_rank_file_is_refused_by_consolidate_and_by_resume(interval_sa
     assert code == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
     assert f"checkpoint {damaged} cannot be used" in errors[0] and "fails the CRC check" in errors[0]
     assert not (tmp_path / "one.pt").exists()
+    code, out = run("fairseq-thor-reshard", folder / "checkpoint_last", "--world-size", "4",
+                    "--out", tmp_path / "four" / "checkpoint_last", check=False)
+    assert code == 1 and error_lines(out) == errors and "Traceback" not in out, out[-3000:]
     codes, outs = train_in_processes("fairseq-thor-train", interval_saves["data"], folder,
                                      "--max-update", "6", *interval_saves["keep"])
     for code, out in zip(codes, outs):
