@@ -22,8 +22,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 
 from ..errors import ThorError
 from ..modules.consistency import symmetric_kl
-from .router_stats import collect_decisions
 from ..shared_flags import add_dataclass_args_once
+from .router_stats import collect_decisions
 
 
 def consistency_weight(alpha: float, warmup_updates: int, num_updates: int) -> float:

@@ -19,8 +19,8 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor, nn
 
-from ..errors import ThorError
 from ..distributed.expert_parallel_ffn import ExpertParallelFFN, random_decision
+from ..errors import ThorError
 from ..modules.experts import ExpertLinear, routed
 from ..modules.gate_decision import GateDecision
 from ..modules.gates import HashGate, SwitchGate, Top2Gate

@@ -26,8 +26,8 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor
 
-from ..errors import ThorError
 from ..distributed.expert_parallel_ffn import ExpertParallelFFN
+from ..errors import ThorError
 from ..modules.experts import ExpertLinear
 from .expert_layers import ExpertFFNMixin, ThorTransformerDecoderLayer, ThorTransformerEncoderLayer
 from .expert_options import (

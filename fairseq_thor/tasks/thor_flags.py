@@ -9,8 +9,8 @@ from typing import Callable, Optional
 
 from fairseq.dataclass import FairseqDataclass
 
-from ..errors import ThorError
 from ..criterions.thor_consistency import CONSISTENCY_ALPHA_HELP, DEFAULT_CONSISTENCY_ALPHA
+from ..errors import ThorError
 from ..models.thor_transformer import ThorTransformerModel
 from ..modules.routing import InferenceRoutingChoice
 
