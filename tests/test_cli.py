@@ -182,3 +182,17 @@ def test_user_dir_helper_points_at_the_package():
                          cwd="/")
     assert out.returncode == 0
     assert os.path.samefile(out.stdout.strip(), os.path.join(REPO, "fairseq_thor"))
+
+
+def test_fused_passes_train_through_the_cli(tmp_path):
+    data = make_toy_data(tmp_path)
+    _, out = run("fairseq-train", data, "--user-dir", "fairseq_thor", "--cpu", "--task", "translation_thor",
+                 *MODEL, "--criterion", "thor_consistency", "--fuse-passes", "--optimizer", "adam",
+                 "--lr", "0.003", "--max-tokens", "1000", "--save-dir", tmp_path / "ckpt",
+                 "--log-format", "simple", "--log-interval", "1", "--max-update", "2", "--no-save")
+    assert re.search(r"num_updates 2\b", out) and re.search(r"consistency=\d", out), out[-3000:]
+    code, out = run("fairseq-train", data, "--user-dir", "fairseq_thor", "--cpu", "--task", "translation_thor",
+                    *MODEL, "--expert-routing", "batch", "--criterion", "thor_consistency", "--fuse-passes",
+                    "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "1000", "--no-save",
+                    "--max-update", "1", check=False)
+    assert code == 1 and "error: --fuse-passes needs --expert-routing sentence or token, got batch" in out

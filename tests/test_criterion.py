@@ -6,6 +6,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 
 from conftest import DictTask, build_model, random_batch
 from fairseq_thor.criterions.thor_consistency import ThorConsistencyCriterion
+from fairseq_thor.errors import ThorError
 from fairseq_thor.modules.consistency import symmetric_kl
 
 
@@ -94,3 +95,69 @@ def test_bf16_model_gets_fp32_consistency_without_overflow(dictionary):
     assert log["consistency"].dtype == torch.float32 and log["consistency"] > 0
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---- --fuse-passes: one forward over the batch stacked with itself ------------------------------
+
+class RecordedDraws:
+    """Stand-in for routing's random draws: records them (``mode='record'``), or replays them
+    so that a fused forward sees, in every layer call, pass 1's draws followed by pass 2's."""
+
+    def __init__(self, monkeypatch):
+        from fairseq_thor.modules import routing
+        self.real_sentence, self.real_token = routing.draw_sentence_experts, routing.draw_token_experts
+        self.calls, self.replay = [], None
+        monkeypatch.setattr(routing, "draw_sentence_experts", self.sentence)
+        monkeypatch.setattr(routing, "draw_token_experts", self.token)
+
+    def _next(self, fresh, stack):
+        if self.replay is None:
+            self.calls.append(fresh())
+            return self.calls[-1]
+        i = self.replay
+        self.replay += 1
+        per_pass = len(self.calls) // 2
+        return stack(self.calls[i], self.calls[i + per_pass])
+
+    def sentence(self, mode, num_experts, batch_size):
+        return self._next(lambda: self.real_sentence(mode, num_experts, batch_size),
+                          lambda a, b: torch.cat([a, b]))
+
+    def token(self, num_experts, seq_len, batch_size):
+        return self._next(lambda: self.real_token(num_experts, seq_len, batch_size),
+                          lambda a, b: torch.cat([a, b], dim=1))
+
+
+@pytest.mark.parametrize("routing", ["sentence", "token"])
+def test_fused_passes_give_the_two_call_loss_and_gradients(dictionary, monkeypatch, routing):
+    draws = RecordedDraws(monkeypatch)
+    torch.manual_seed(0)
+    model = build_model("thor_transformer", ["--num-experts", "4", "--expert-routing", routing],
+                        dictionary=dictionary).train()  # conftest's TINY: dropout 0
+    sample = make_sample(dictionary)
+    two_calls = criterion(dictionary, 2.5)
+    loss, _, log = two_calls(model, sample)
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert log["consistency"] > 0  # the passes differ: the equality below is not trivial
+    model.zero_grad()
+
+    draws.replay = 0
+    fused = ThorConsistencyCriterion(DictTask(dictionary), sentence_avg=False, label_smoothing=0.1,
+                                     consistency_alpha=2.5, fuse_passes=True)
+    fused_loss, _, fused_log = fused(model, sample)
+    fused_loss.backward()
+    assert draws.replay == len(draws.calls) // 2  # one fused layer call per two recorded ones
+    torch.testing.assert_close(fused_loss, loss)
+    torch.testing.assert_close(fused_log["consistency"], log["consistency"])
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+
+
+def test_fusing_is_refused_where_the_copies_would_share_a_draw(dictionary):
+    model = build_model("thor_transformer", ["--num-experts", "4", "--expert-routing", "batch"],
+                        dictionary=dictionary).train()
+    fused = ThorConsistencyCriterion(DictTask(dictionary), sentence_avg=False, label_smoothing=0.1,
+                                     consistency_alpha=1.0, fuse_passes=True)
+    with pytest.raises(ThorError, match="--fuse-passes needs --expert-routing sentence or token, got batch"):
+        fused(model, make_sample(dictionary))

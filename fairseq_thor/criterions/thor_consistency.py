@@ -8,10 +8,13 @@ pass and is exactly fairseq's label-smoothed cross-entropy. Works with any trans
 (the full weight slows early fitting; see the README). fairseq hands the update number to the
 task's ``train_step``, not to the criterion, so the ramp needs a THOR task, which passes it on
 (``set_num_updates``).
+
+``--fuse-passes`` computes the two passes as one forward over the batch stacked with itself.
 """
 import math
 from dataclasses import dataclass, field
 
+import torch
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
@@ -56,6 +59,13 @@ class ThorConsistencyConfig(LabelSmoothedCrossEntropyCriterionConfig):
     consistency_alpha: float = field(
         default=DEFAULT_CONSISTENCY_ALPHA, metadata={"help": CONSISTENCY_ALPHA_HELP}
     )
+    fuse_passes: bool = field(
+        default=False,
+        metadata={"help": "run the two stochastic passes as one forward over the batch stacked with "
+                          "itself (R-Drop's trick): the same objective, since each copy of a sentence "
+                          "draws its own experts and dropout; fewer, larger operations. Needs "
+                          "--expert-routing sentence or token, and no --expert-parallel"},
+    )
     consistency_alpha_warmup_updates: int = field(
         default=0,
         metadata={"help": "ramp the consistency weight linearly from 0 at the first update to "
@@ -65,15 +75,44 @@ class ThorConsistencyConfig(LabelSmoothedCrossEntropyCriterionConfig):
     )
 
 
+FUSABLE_ROUTING = ("sentence", "token")
+
+
+def check_fusable(model):
+    """Fusing is the same objective only where each copy of a sentence draws on its own."""
+    args = getattr(model, "args", None)
+    routing = getattr(args, "expert_routing", "sentence")
+    if getattr(args, "expert_parallel", False):
+        raise ThorError("--fuse-passes is not available with --expert-parallel: its balanced draw "
+                        "over the stacked batch would tie the two copies' experts together")
+    if getattr(args, "num_experts", 1) > 1 and routing not in FUSABLE_ROUTING:
+        raise ThorError(f"--fuse-passes needs --expert-routing sentence or token, got {routing}: one "
+                        f"draw per batch would give both copies the same expert, so the passes "
+                        f"would no longer differ; drop --fuse-passes")
+
+
+def two_fused_passes(model, sample):
+    """Both stochastic passes from one forward over the batch stacked with itself, split back
+    into two ``net_output`` tuples (logits first, the rest shared: the criterion reads logits)."""
+    check_fusable(model)
+    batch = sample["target"].size(0)
+    stacked = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == batch else v
+               for k, v in sample["net_input"].items()}
+    logits, extra = model(**stacked)[:2]
+    return [(logits[:batch], extra), (logits[batch:], extra)]
+
+
 @register_criterion("thor_consistency", dataclass=ThorConsistencyConfig)
 class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, sentence_avg, label_smoothing, consistency_alpha,
-                 consistency_alpha_warmup_updates=0, ignore_prefix_size=0, report_accuracy=False):
+                 consistency_alpha_warmup_updates=0, fuse_passes=False, ignore_prefix_size=0,
+                 report_accuracy=False):
         super().__init__(task, sentence_avg, label_smoothing,
                          ignore_prefix_size=ignore_prefix_size, report_accuracy=report_accuracy)
         check_schedule(consistency_alpha, consistency_alpha_warmup_updates)
         self.alpha = consistency_alpha
         self.warmup_updates = consistency_alpha_warmup_updates
+        self.fuse_passes = fuse_passes
         self.num_updates = None  # set by the task before each training step
 
     def set_num_updates(self, num_updates: int):
@@ -97,7 +136,8 @@ class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
         if not model.training:
             return super().forward(model, sample, reduce=reduce)
 
-        passes = [model(**sample["net_input"]) for _ in range(2)]
+        passes = two_fused_passes(model, sample) if self.fuse_passes else [
+            model(**sample["net_input"]) for _ in range(2)]
         if collect_decisions(model):
             raise ThorError("--criterion thor_consistency trains THOR's stochastic router; train "
                              "--expert-router switch/gshard/hash with "

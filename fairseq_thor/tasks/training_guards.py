@@ -10,13 +10,18 @@
   consistency loss in the task, so its commands read ``--criterion label_smoothed_cross_entropy
   --consistency-alpha 5``. Here the term belongs to ``--criterion thor_consistency``, and such a
   command would silently train without it: refuse it, naming the criterion to use.
+* ``--fuse-passes`` where the copies would share a draw is refused before training starts.
 """
 import logging
 import sys
 
 import torch
 
-from ..criterions.thor_consistency import DEFAULT_CONSISTENCY_ALPHA, ThorConsistencyCriterion
+from ..criterions.thor_consistency import (
+    DEFAULT_CONSISTENCY_ALPHA,
+    ThorConsistencyCriterion,
+    check_fusable,
+)
 from ..errors import ThorError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +79,8 @@ class TrainingGuards:
                 f"--consistency-alpha is set but --criterion {name} does not use it, so THOR would "
                 f"train without its consistency term; use --criterion thor_consistency (the "
                 f"reference code computed the term in the task, here the criterion does)")
+        if getattr(criterion, "fuse_passes", False) and self._model_for_checks is not None:
+            check_fusable(self._model_for_checks)  # before training, not at the first step
         return criterion
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
