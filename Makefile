@@ -29,6 +29,7 @@ test: venv
 bench: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/speed.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/expert_parallel.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/memory.py
 
 clean-venv:
 	rm -rf $(VENV)
