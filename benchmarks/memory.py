@@ -23,6 +23,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from speed import add_size_args  # noqa: E402
 
 
 def resident_bytes() -> int:
@@ -34,16 +36,12 @@ def measure_one(args) -> dict:
     """In this process: build THOR with ``args.num_experts``, train ``args.steps`` steps, report."""
     import torch
 
-    sys.path.insert(0, HERE)
-    from speed import DictTask, batch, build  # the same model sizes and batches as speed.py
+    from speed import DictTask, batch, build, synthetic_dictionary  # speed.py's models and batches
 
-    from fairseq.data import Dictionary
     from fairseq_thor.criterions.thor_consistency import ThorConsistencyCriterion
 
     torch.manual_seed(0)
-    dictionary = Dictionary()
-    for i in range(args.vocab - dictionary.nspecial):
-        dictionary.add_symbol(f"w{i}")
+    dictionary = synthetic_dictionary(args.vocab)
     sample = batch(dictionary, args, seed=0)
     cuda = args.device.startswith("cuda")
     before = torch.cuda.memory_allocated() if cuda else resident_bytes()
@@ -68,11 +66,7 @@ def measure_one(args) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", default="1,4,16,64")
-    p.add_argument("--embed-dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
-    p.add_argument("--length", type=int, default=20, help="tokens per sentence")
+    add_size_args(p)  # speed.py's sizes and defaults
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-experts", type=int, help=argparse.SUPPRESS)  # the child's one E

@@ -115,13 +115,25 @@ def interleaved(measure, names, rounds):
     return {n: statistics.median(v) for n, v in results.items()}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_size_args(p: argparse.ArgumentParser):
+    """Model and batch sizes, shared with benchmarks/memory.py."""
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
     p.add_argument("--length", type=int, default=20, help="tokens per sentence")
+
+
+def synthetic_dictionary(vocab: int) -> Dictionary:
+    dictionary = Dictionary()
+    for i in range(vocab - dictionary.nspecial):
+        dictionary.add_symbol(f"w{i}")
+    return dictionary
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_size_args(p)
     p.add_argument("--train-experts", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--train-routing", default="sentence", choices=["batch", "sentence", "token"])
@@ -136,9 +148,7 @@ def main():
     args = p.parse_args()
 
     torch.manual_seed(0)
-    dictionary = Dictionary()
-    for i in range(args.vocab - dictionary.nspecial):
-        dictionary.add_symbol(f"w{i}")
+    dictionary = synthetic_dictionary(args.vocab)
     sample = batch(dictionary, args, seed=0)
     print(f"device={args.device} d={args.embed_dim} layers={args.layers}+{args.layers} "
           f"vocab={len(dictionary)} batch={args.batch_size}x{args.length} tokens", flush=True)
