@@ -7,6 +7,12 @@ catch exceptions, so a 20-line traceback would bury that one line; importing the
 an exception hook that prints ``error: <message>`` for an uncaught ``ThorError`` (exit status 1)
 and leaves every other exception to Python's usual report. ``FAIRSEQ_THOR_TRACEBACK=1`` restores
 the full traceback for debugging.
+
+In a distributed run the hook writes the line itself, prefixed ``[rankN]: `` as torch's own hook
+would, and ends the process at once (``os._exit(1)``): left to the interpreter's shutdown, gloo's
+background threads can be torn down while still joinable and the process aborts with "terminate
+called without an active exception" (status -6) instead of 1. It writes to the process's real
+stderr because torch's hook points ``sys.stderr`` at a buffer that it prints only after we return.
 """
 import os
 import sys
@@ -16,11 +22,26 @@ class ThorError(ValueError):
     """A problem with the user's input or files, explained in the message."""
 
 
+def _process_group_rank():
+    """This process's rank in an initialized process group, or None outside one."""
+    distributed = sys.modules.get("torch.distributed")  # never import torch just to ask
+    if distributed and distributed.is_available() and distributed.is_initialized():
+        return distributed.get_rank()
+    return None
+
+
 def _one_line_for_thor_errors(previous_hook):
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, ThorError) and not os.environ.get("FAIRSEQ_THOR_TRACEBACK"):
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            return
+            rank = _process_group_rank()
+            if rank is None:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                return
+            sys.stdout.flush()  # what the run printed before, then the error
+            lines = f"error: {exc}".splitlines()
+            sys.__stderr__.write("".join(f"[rank{rank}]: {line}\n" for line in lines))
+            sys.__stderr__.flush()
+            os._exit(1)
         previous_hook(exc_type, exc, tb)
 
     hook.thor_one_line = True
