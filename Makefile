@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean-venv bench multilingual compare quality
+.PHONY: venv demo test clean-venv bench multilingual compare quality gpu-bundle
 
 venv: $(STAMP)
 
@@ -50,3 +50,8 @@ compare: venv
 QUALITY_ARGS ?=
 quality: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/quality.py $(QUALITY_ARGS)
+
+# What the bare GPU machine lacks (wheels for Python 3.12, fairseq-fixed's source, the demo corpus),
+# for benchmarks/gpu/check.sh; see README "GPU check". DEMO_CORPUS=work/quality/data reuses a corpus.
+gpu-bundle: venv
+	bash benchmarks/gpu/bundle.sh

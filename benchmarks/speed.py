@@ -11,7 +11,7 @@ what the tokens mean), alternating the models so that machine noise hits them al
   expert computed) over dense; the aim is >= 0.9 at every E.
 
     python benchmarks/speed.py                      # defaults: d=256, 3+3 layers, CPU
-    python benchmarks/speed.py --embed-dim 512 --layers 6 --device cuda
+    python benchmarks/speed.py --embed-dim 512 --layers 6 --device cuda --precision fp16
 
 Prints a table and writes benchmarks/results/speed.json.
 """
@@ -49,7 +49,8 @@ def build(arch, args, dictionary, extra=()):
     ns = options.parse_args_and_arch(options.get_training_parser(),
                                      ["x", "--arch", arch, "--user-dir", fairseq_thor.__path__[0],
                                       *size, *extra])
-    return ARCH_MODEL_REGISTRY[arch].build_model(ns, DictTask(dictionary)).to(args.device)
+    model = ARCH_MODEL_REGISTRY[arch].build_model(ns, DictTask(dictionary))
+    return model.to(device=args.device, dtype=PRECISIONS[args.precision])
 
 
 def batch(dictionary, args, seed):
@@ -115,13 +116,19 @@ def interleaved(measure, names, rounds):
     return {n: statistics.median(v) for n, v in results.items()}
 
 
+# half precision as fairseq's --fp16/--bf16 train: the model's weights in that dtype
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def add_size_args(p: argparse.ArgumentParser):
-    """Model and batch sizes, shared with benchmarks/memory.py."""
+    """Model and batch sizes and the weights' precision, shared with benchmarks/memory.py."""
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
     p.add_argument("--length", type=int, default=20, help="tokens per sentence")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="dtype of the weights and activations (fp16/bf16: with --device cuda)")
 
 
 def synthetic_dictionary(vocab: int) -> Dictionary:
@@ -150,7 +157,7 @@ def main():
     torch.manual_seed(0)
     dictionary = synthetic_dictionary(args.vocab)
     sample = batch(dictionary, args, seed=0)
-    print(f"device={args.device} d={args.embed_dim} layers={args.layers}+{args.layers} "
+    print(f"device={args.device} {args.precision} d={args.embed_dim} layers={args.layers}+{args.layers} "
           f"vocab={len(dictionary)} batch={args.batch_size}x{args.length} tokens", flush=True)
 
     # --- training ---

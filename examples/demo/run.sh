@@ -22,6 +22,8 @@ LAYERS=${LAYERS:-3}; EMBED=${EMBED:-256}; FFN=${FFN:-512}; HEADS=${HEADS:-4}
 LR=${LR:-2e-3}; WARMUP=${WARMUP:-200}; DROPOUT=${DROPOUT:-0.1}; MAX_TOKENS=${MAX_TOKENS:-2048}
 SEED=${SEED:-1}; LOG_INTERVAL=${LOG_INTERVAL:-25}  # updates between progress lines
 EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}
+EXTRA_GENERATE_ARGS=${EXTRA_GENERATE_ARGS:-}  # e.g. --fp16 on a GPU
+DATA_ONLY=${DATA_ONLY:-0}                # 1: stop after building the corpus (benchmarks/gpu/bundle.sh)
 EXPECTED_MINUTES=21                      # measured with the defaults on 2 idle CPU cores (README)
 DEVICE_ARGS=$(python -c "import torch; print('' if torch.cuda.is_available() else '--cpu')")
 
@@ -51,6 +53,8 @@ if [ ! -s "$BIN/dict.$TGT.txt" ]; then
     2>&1 | grep -E "sents|Wrote" | sed 's/^.*INFO[^]]*] */    /; s/^INFO:[^:]*:/    /'
 fi
 
+[ "$DATA_ONLY" = 1 ] && { echo "corpus ready in $WORK (DATA_ONLY=1)"; exit 0; }
+
 rm -rf "$CKPT"  # a rerun trains afresh instead of resuming a finished run
 step "4/5 training THOR (E=$NUM_EXPERTS, alpha=$ALPHA, $ROUTING routing): $MAX_UPDATE updates, at most $TRAIN_MINUTES min"
 fairseq-train "$BIN" --user-dir fairseq_thor $DEVICE_ARGS \
@@ -73,7 +77,7 @@ step "5/5 decoding the test split with fairseq-generate (beam 5, $INFERENCE rout
 mkdir -p "$OUT"
 fairseq-generate "$BIN" --user-dir fairseq_thor $DEVICE_ARGS --task translation_thor \
   --path "$CKPT/checkpoint_last.pt" --gen-subset test --beam 5 --max-tokens 8000 \
-  --max-len-a 1.5 --max-len-b 10 --remove-bpe sentencepiece --inference-routing "$INFERENCE" --seed 1 > "$OUT/test.log" 2>&1 \
+  --max-len-a 1.5 --max-len-b 10 --remove-bpe sentencepiece --inference-routing "$INFERENCE" --seed 1 $EXTRA_GENERATE_ARGS > "$OUT/test.log" 2>&1 \
   || { tail -20 "$OUT/test.log"; exit 1; }
 grep '^H-' "$OUT/test.log" | sed 's/^H-//' | sort -n | cut -f3 > "$OUT/hyp.txt"
 grep '^T-' "$OUT/test.log" | sed 's/^T-//' | sort -n | cut -f2 > "$OUT/ref.txt"
