@@ -8,7 +8,9 @@ what the tokens mean), alternating the models so that machine noise hits them al
   passes of the same cost make 0.5 the ceiling, which fusing can pass where one pass leaves the
   machine underused;
 * decoding tokens/s: beam search with THOR at E = 1, 4, 16 (sentence routing, only the chosen
-  expert computed) over dense; the aim is >= 0.9 at every E.
+  expert computed) over dense; the aim is >= 0.9 at every E. ``--inference-routing path`` times
+  the batches that routing decodes: the THOR tasks group sentences by their path expert, so the
+  batch holds sentences that share one (ids picked accordingly).
 
     python benchmarks/speed.py                      # defaults: d=256, 3+3 layers, CPU
     python benchmarks/speed.py --embed-dim 512 --layers 6 --device cuda --precision fp16
@@ -32,6 +34,7 @@ from fairseq.sequence_generator import SequenceGenerator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fairseq_thor  # noqa: E402
 from fairseq_thor.criterions.thor_consistency import FUSABLE_ROUTING, ThorConsistencyCriterion  # noqa: E402
+from fairseq_thor.modules.routing import PATH_SALT, keyed_sentence_experts  # noqa: E402
 
 
 class DictTask:
@@ -90,9 +93,18 @@ def time_training(model, criterion, sample, args):
     return sample["ntokens"] * args.train_steps / (time.perf_counter() - start)
 
 
+def one_path_group(num_experts: int, batch_size: int) -> torch.Tensor:
+    """``batch_size`` sentence ids whose path expert is the same: a batch as grouped by the task."""
+    ids = torch.arange(batch_size * num_experts * 4)
+    experts = keyed_sentence_experts(ids, PATH_SALT, torch.initial_seed(), num_experts)
+    return ids[experts == 0][:batch_size]
+
+
 @torch.no_grad()
 def time_decoding(model, dictionary, sample, args):
     model.eval()
+    if args.inference_routing == "path" and hasattr(model, "set_sentence_keys"):
+        model.set_sentence_keys(one_path_group(model.args.num_experts, args.batch_size))
     # min_len = max_len: every model emits exactly args.decode_length tokens per hypothesis
     gen = SequenceGenerator([model], dictionary, beam_size=args.beam, max_len_a=0,
                             max_len_b=args.decode_length, min_len=args.decode_length)
@@ -144,7 +156,7 @@ def main():
     p.add_argument("--train-experts", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--train-routing", default="sentence", choices=["batch", "sentence", "token"])
-    p.add_argument("--inference-routing", default="sentence", choices=["sentence", "token", "batch"])
+    p.add_argument("--inference-routing", default="sentence", choices=["sentence", "token", "batch", "path"])
     p.add_argument("--decode-experts", default="1,4,16")
     p.add_argument("--decode-length", type=int, default=20)
     p.add_argument("--decode-repeats", type=int, default=2)

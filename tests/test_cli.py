@@ -89,7 +89,7 @@ def test_resume_continues_from_checkpoint_last(trained):
     assert "num_updates=1," not in trained["resumed"]
 
 
-@pytest.mark.parametrize("routing", ["sentence", "token", "batch", "fixed", "mean", "merged"])
+@pytest.mark.parametrize("routing", ["sentence", "token", "batch", "fixed", "mean", "merged", "path"])
 def test_generate_decodes_every_test_sentence_in_every_mode(trained, routing):
     _, out = generate(trained, "--inference-routing", routing)
     ids = [i for i, _ in hypotheses(out)]
@@ -110,7 +110,8 @@ def test_decoding_is_reproducible_with_the_same_seed(trained):
     assert a == b
 
 
-def test_sentence_routing_decodes_the_same_whatever_the_batching(trained, tmp_path):
+@pytest.mark.parametrize("routing", ["sentence", "path"])
+def test_sentence_routing_decodes_the_same_whatever_the_batching(trained, tmp_path, routing):
     # 10 updates leave the experts nearly equal; make them translate differently, so that which
     # expert a sentence gets shows in its translation
     state = torch.load(trained["ckpt"], weights_only=False)
@@ -120,13 +121,14 @@ def test_sentence_routing_decodes_the_same_whatever_the_batching(trained, tmp_pa
             tensor.add_(3 * tensor.std() * torch.randn(tensor.shape, generator=noise))
     torch.save(state, tmp_path / "distinct_experts.pt")
     distinct = {**trained, "ckpt": tmp_path / "distinct_experts.pt"}
-    # each sentence's experts come from its id and the seed, not from its batch
-    by_one = hypotheses(generate(distinct, "--batch-size", "1")[1])
-    by_five = hypotheses(generate(distinct, "--batch-size", "5")[1])
-    whole = hypotheses(generate(distinct)[1])  # --max-tokens 1000: one batch
+    # each sentence's experts come from its id and the seed, not from its batch (path: batches are
+    # grouped by expert, --batch-size 1 is not)
+    by_one = hypotheses(generate(distinct, "--batch-size", "1", "--inference-routing", routing)[1])
+    by_five = hypotheses(generate(distinct, "--batch-size", "5", "--inference-routing", routing)[1])
+    whole = hypotheses(generate(distinct, "--inference-routing", routing)[1])  # --max-tokens 1000: one batch
     assert len(by_one) == NUM_TEST and by_one == by_five == whole
     # the seed still matters: another seed draws other experts, hence other translations
-    assert hypotheses(generate(distinct, "--seed", "8")[1]) != whole
+    assert hypotheses(generate(distinct, "--seed", "8", "--inference-routing", routing)[1]) != whole
 
 
 def test_reference_code_flags_are_accepted(trained):

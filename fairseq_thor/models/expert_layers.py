@@ -25,6 +25,7 @@ from ..modules.experts import ExpertLinear, routed
 from ..modules.gate_decision import GateDecision
 from ..modules.gates import HashGate, SwitchGate, Top2Gate
 from ..modules.routing import (
+    PATH_SALT,
     PER_SENTENCE_MODES,
     Route,
     draw_balanced_experts,
@@ -154,12 +155,13 @@ class ExpertFFNMixin:
         are known; None otherwise (the draw is then torch's). Beam search runs ``beam`` rows per
         sentence, one sentence after the other: every hypothesis of a sentence gets its experts."""
         keys = self.sentence_keys
-        if (keys is None or self.training or self.routing_mode != "sentence"
+        if (keys is None or self.training or self.routing_mode not in ("sentence", "path")
                 or self.spec.router != "stochastic"):
             return None
         if batch_size % len(keys):
             raise RuntimeError(f"{batch_size} rows for {len(keys)} sentence ids: not one block per sentence")
-        return keyed_sentence_experts(keys.repeat_interleave(batch_size // len(keys)), self.route_salt,
+        salt = PATH_SALT if self.routing_mode == "path" else self.route_salt  # path: one for all layers
+        return keyed_sentence_experts(keys.repeat_interleave(batch_size // len(keys)), salt,
                                       torch.initial_seed(), self.spec.num_experts)
 
     def make_route(self, x: Tensor, sentence_experts: Optional[Tensor] = None) -> Route:

@@ -81,7 +81,9 @@ def add_inference_args(group, default=None):
                        help="how experts are used in evaluation and decoding: a random expert "
                             "per sentence or per token (or one per batch), a fixed expert "
                             "(--inference-expert), the mean of all experts' outputs (E times the "
-                            "FFN cost) or one FFN with the experts' weights averaged "
+                            "FFN cost), one FFN with the experts' weights averaged, or 'path': "
+                            "a random expert per sentence shared by every layer, with batches "
+                            "grouped by it so decoding costs one FFN per layer for any E "
                             f"(default {DEFAULT_INFERENCE_ROUTING})")
     group.add_argument("--inference-expert", type=int, metavar="K", default=default,
                        help="the expert used by --inference-routing fixed, 0 <= K < E (default 0)")
@@ -228,7 +230,7 @@ def validate_inference(cfg):
             f"--inference-expert {cfg.inference_expert} is out of range for a model with "
             f"{cfg.num_experts} experts; valid: 0..{cfg.num_experts - 1}"
         )
-    if getattr(cfg, "expert_parallel", False) and cfg.inference_routing in ("mean", "merged"):
+    if getattr(cfg, "expert_parallel", False) and cfg.inference_routing in ("mean", "merged", "path"):
         raise ThorError(
             f"--inference-routing {cfg.inference_routing} needs every expert in one process; an "
             f"--expert-parallel model validates with sentence, token, batch or fixed routing. "

@@ -6,6 +6,9 @@ the plan an expert bank follows for one forward pass of one layer:
 
 * ``batch``    one expert for the whole mini-batch (the reference implementation's training mode);
 * ``sentence`` one expert per sentence, shared by all its tokens;
+* ``path``     one expert per sentence, the same in every expert layer (inference only): the
+               THOR tasks batch sentences by that expert, so each batch computes one expert's
+               FFN per layer and decoding costs what a dense model's does, for any E;
 * ``token``    one expert per token;
 * ``fixed``    always expert ``k`` (inference only: evaluate a single expert);
 * ``mean``     every expert runs and their outputs are averaged (inference only, costs E FFNs);
@@ -22,14 +25,18 @@ import torch
 from fairseq.dataclass import ChoiceEnum
 from torch import Tensor
 
+from ..errors import ThorError
+
 TRAIN_ROUTING = ["batch", "sentence", "token"]
-INFERENCE_ROUTING = ["sentence", "token", "batch", "fixed", "mean", "merged"]
+INFERENCE_ROUTING = ["sentence", "token", "batch", "fixed", "mean", "merged", "path"]
 TrainRoutingChoice = ChoiceEnum(TRAIN_ROUTING)
 InferenceRoutingChoice = ChoiceEnum(INFERENCE_ROUTING)
 
 # The modes whose draw is made once per sentence and then kept for the whole sequence; in
 # incremental decoding that draw is stored per hypothesis and follows beam reordering.
-PER_SENTENCE_MODES = ("batch", "sentence")
+PER_SENTENCE_MODES = ("batch", "sentence", "path")
+# ``path`` draws each sentence's expert once for all layers: from this salt instead of the layer's
+PATH_SALT = (1 << 40) + 1
 
 
 @dataclass
@@ -70,6 +77,12 @@ def route_from_choices(experts: Tensor, weights: Tensor, num_experts: int,
 
 def draw_sentence_experts(mode: str, num_experts: int, batch_size: int) -> Tensor:
     """One expert id per sentence (CPU long tensor of shape ``(B,)``) for a per-sentence mode."""
+    if mode == "path":
+        # a layer on its own cannot draw what every layer must share: the draw is keyed by id
+        raise ThorError(
+            "--inference-routing path needs the sentence ids: decode through --task "
+            "translation_thor (fairseq-generate, -interactive, -validate), or call the model's "
+            "set_sentence_keys(ids) first")
     if mode == "batch":
         return torch.randint(num_experts, (1,)).expand(batch_size).contiguous()
     if mode == "sentence":

@@ -11,6 +11,8 @@
 * Training commands get the checks of ``training_guards`` (a finished run is not extended,
   ``--fp16`` needs CUDA, ``--consistency-alpha`` needs ``--criterion thor_consistency``).
 * An empty split is refused with its name and files (``empty_splits``).
+* With ``--inference-routing path`` evaluation and decoding batches are grouped by the sentences'
+  expert, so decoding costs one FFN per layer (``expert_grouped_batches``).
 * Every sentence of a validation or test split is evaluated: fairseq's ``batch_by_size`` drops a
   final batch whose size is not a multiple of ``--required-batch-size-multiple`` (default 8), so
   outside training this task asks for a multiple of 1.
@@ -23,6 +25,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from ..shared_flags import add_dataclass_args_once
 from .empty_splits import refuse_empty_split
+from .expert_grouped_batches import ExpertGroupedBatches
 from .keyed_draws import SentenceKeyedDraws
 from .thor_flags import ThorTaskFlags, build_with_thor_flags
 from .training_guards import TrainingGuards
@@ -47,7 +50,8 @@ class PassUpdateNumToCriterion:
 
 
 @register_task("translation_thor", dataclass=ThorTranslationConfig)
-class ThorTranslationTask(TrainingGuards, SentenceKeyedDraws, PassUpdateNumToCriterion, TranslationTask):
+class ThorTranslationTask(TrainingGuards, SentenceKeyedDraws, ExpertGroupedBatches, PassUpdateNumToCriterion,
+                          TranslationTask):
     cfg: ThorTranslationConfig
 
     @classmethod
@@ -56,8 +60,8 @@ class ThorTranslationTask(TrainingGuards, SentenceKeyedDraws, PassUpdateNumToCri
         add_dataclass_args_once(parser, ThorTranslationConfig())
 
     def build_model(self, cfg, from_checkpoint=False):
-        return build_with_thor_flags(self.cfg, cfg, lambda: super(ThorTranslationTask, self).build_model(
-            cfg, from_checkpoint))
+        return self.remember_path_models(build_with_thor_flags(
+            self.cfg, cfg, lambda: super(ThorTranslationTask, self).build_model(cfg, from_checkpoint)))
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         src, tgt = self.cfg.source_lang, self.cfg.target_lang
@@ -67,4 +71,5 @@ class ThorTranslationTask(TrainingGuards, SentenceKeyedDraws, PassUpdateNumToCri
     def get_batch_iterator(self, dataset, **kwargs):
         if dataset is not self.datasets.get(self.cfg.train_subset):
             kwargs["required_batch_size_multiple"] = 1  # evaluate every sentence (see docstring)
+            dataset = self.grouped_by_path_expert(dataset)
         return super().get_batch_iterator(dataset, **kwargs)
