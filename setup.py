@@ -15,6 +15,9 @@ setup(
     description="THOR stochastic experts for fairseq: expert layers, consistency criterion, tasks",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
+    license_files=["LICENSE"],
+    classifiers=["License :: OSI Approved :: MIT License", "Programming Language :: Python :: 3"],
     packages=find_packages(include=["fairseq_thor", "fairseq_thor.*"]),
     python_requires=">=3.8",
     install_requires=[

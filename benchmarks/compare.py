@@ -33,7 +33,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(REPO, "benchmarks"), REPO]
 import compare_report as report  # noqa: E402
 from cli_runs import (BIN, GATED, USER_DIR, build_corpus, child_env, count_params, decode,  # noqa: E402
                       model_flags, run, step)

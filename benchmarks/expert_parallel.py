@@ -14,7 +14,6 @@ Writes benchmarks/results/expert_parallel.json.
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -22,7 +21,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def build_layer(args, expert_parallel):

@@ -23,7 +23,6 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 from speed import add_size_args  # noqa: E402
 
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -31,7 +30,6 @@ from fairseq.data import Dictionary
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fairseq_thor  # noqa: E402
 from fairseq_thor.criterions.thor_consistency import FUSABLE_ROUTING, ThorConsistencyCriterion  # noqa: E402
 from fairseq_thor.modules.routing import PATH_SALT, keyed_sentence_experts  # noqa: E402

@@ -10,7 +10,9 @@ only know dense transformers. The file loads in stock fairseq with no ``--user-d
   reads it without the plugin's allow-list;
 * optimizer state is dropped (it belongs to the expert parameters).
 
-IN may be a one-process THOR checkpoint or any file of an expert-sharded one.
+IN may be a one-process THOR checkpoint or any file of an expert-sharded one. Models with a gate
+(``--expert-router switch|gshard|hash``) are refused: their gate chooses between the experts, so
+the average is not the model, and stock fairseq could not load the gate's weights.
 """
 import argparse
 import dataclasses
@@ -22,6 +24,7 @@ from fairseq.tasks.translation import TranslationConfig
 
 from . import compat
 from .distributed.consolidate import as_dict, load_any
+from .errors import ThorError
 
 STOCK_TASKS = {"translation_thor": "translation",
                "translation_multi_simple_epoch_thor": "translation_multi_simple_epoch"}
@@ -57,7 +60,18 @@ def stock_section(section, name_map, known_fields=None, drop=()):
     return {k: v for k, v in cfg.items() if k not in drop}
 
 
+def refuse_gated_routers(model_cfg):
+    router = as_dict(model_cfg).get("expert_router") or "stochastic"
+    if router != "stochastic":
+        raise ThorError(
+            f"this checkpoint is a --expert-router {router} model: its gate chooses between the "
+            f"experts, so averaging them would not give the model, and stock fairseq cannot load "
+            f"the gate. fairseq-thor-export-dense exports THOR (stochastic router) models only; "
+            f"decode a {router} model with --user-dir fairseq_thor")
+
+
 def export(state: dict, expert_tensors) -> dict:
+    refuse_gated_routers(state["cfg"]["model"])
     cfg = dict(state["cfg"])
     cfg["model"] = dense_model_config(cfg["model"])
     task = as_dict(cfg["task"])

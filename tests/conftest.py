@@ -1,7 +1,6 @@
 """Shared fixtures: tiny THOR models built through fairseq's own argument parsing."""
 import argparse
 import os
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from fairseq.data import Dictionary
 from fairseq.models import ARCH_MODEL_REGISTRY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 import fairseq_thor  # noqa: E402,F401  (registers the plugin)
 

@@ -161,3 +161,30 @@ def test_fusing_is_refused_where_the_copies_would_share_a_draw(dictionary):
                                      consistency_alpha=1.0, fuse_passes=True)
     with pytest.raises(ThorError, match="--fuse-passes needs --expert-routing sentence or token, got batch"):
         fused(model, make_sample(dictionary))
+
+
+# ---- expert load of THOR's draws ------------------------------------------------------------------
+
+@pytest.mark.parametrize("routing", ["batch", "sentence", "token"])
+def test_the_largest_expert_share_of_the_draws_is_logged(dictionary, routing):
+    from fairseq import metrics
+
+    torch.manual_seed(0)
+    model = build_model("thor_transformer", ["--num-experts", "4", "--expert-routing", routing],
+                        dictionary=dictionary).train()
+    _, _, log = criterion(dictionary, 1.0)(model, make_sample(dictionary))
+    layer_calls = 2 * 2  # conftest's TINY: 2+2 layers, experts in every other one; two passes
+    assert log["draw_layer_calls"] == layer_calls
+    mean_share = log["draw_load_max"] / layer_calls
+    if routing == "batch":
+        assert mean_share == 1.0  # one expert per batch, by design
+    else:
+        assert 0.25 <= mean_share < 1.0
+    assert all(getattr(m, "draw_counts", None) is None for m in model.modules())  # read once
+    with metrics.aggregate() as agg:
+        ThorConsistencyCriterion.reduce_metrics([log, log])
+    assert agg.get_smoothed_values()["expert_load_max"] == pytest.approx(round(mean_share, 4))
+    model.eval()
+    with torch.no_grad():
+        model(**make_sample(dictionary)["net_input"])
+    assert all(getattr(m, "draw_counts", None) is None for m in model.modules())  # evaluation: not counted

@@ -113,9 +113,9 @@ def test_mean_routing_averages_the_experts_ffn_outputs():
         h = torch.relu(x @ layer.fc1.weight[k].T + layer.fc1.bias[k])
         ffn_outputs.append(h @ layer.fc2.weight[k].T + layer.fc2.bias[k])
     from fairseq_thor.modules.experts import routed
-    from fairseq_thor.modules.routing import Route
+    from fairseq_thor.modules.routing import Route, RouteKind
 
-    with routed(Route(kind="mean"), layer.fc1, layer.fc2):
+    with routed(Route(kind=RouteKind.MEAN), layer.fc1, layer.fc2):
         got = layer.fc2(torch.relu(layer.fc1(x)))
     torch.testing.assert_close(got, torch.stack(ffn_outputs).mean(0))
 

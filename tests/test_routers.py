@@ -9,7 +9,7 @@ from conftest import build_model, make_dictionary, random_batch
 from fairseq_thor.criterions.router_stats import collect_decisions, router_loss_and_log
 from fairseq_thor.errors import ThorError
 from fairseq_thor.modules.experts import ExpertLinear, routed
-from fairseq_thor.modules.routing import Route, route_from_choices
+from fairseq_thor.modules.routing import Route, RouteKind, route_from_choices
 from test_cli import NUM_TEST, hypotheses, make_toy_data, run
 
 ROUTERS = ["switch", "gshard", "hash"]
@@ -34,7 +34,7 @@ def test_gated_route_computes_weighted_sum_of_chosen_experts():
     x = torch.randn(5, 4)
     experts = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 0], [1, 2]])
     weights = torch.tensor([[0.7, 0.3], [1.0, 0.0], [0.0, 0.0], [0.4, 0.6], [0.5, 0.5]])
-    route = Route(kind="gated", decide=lambda rows: route_from_choices(experts, weights, 3))
+    route = Route(kind=RouteKind.GATED, decide=lambda rows: route_from_choices(experts, weights, 3))
     with routed(route, fc1, fc2):
         out = fc2(F.relu(fc1(x)))
     expected = torch.zeros(5, 4)

@@ -109,3 +109,11 @@ def test_a_keyed_draw_ignores_batch_order_and_company():
     torch.manual_seed(0)
     keyed_sentence_experts(ids, salt=5, seed=7, num_experts=4)
     assert torch.equal(torch.rand(3), before)  # torch's generator is not used
+
+
+def test_route_kinds_are_an_enum_and_unknown_kinds_are_refused():
+    from fairseq_thor.modules.routing import Route, RouteKind
+
+    assert Route(kind="mean").kind is RouteKind.MEAN
+    with pytest.raises(ValueError, match="'average' is not a valid RouteKind"):
+        Route(kind="average")

@@ -16,7 +16,6 @@ from typing import List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import fairseq_thor  # noqa: E402,F401  (allow-lists the classes fairseq checkpoints hold for torch's safe loader)
 
 EPOCH_CHECKPOINT = re.compile(r"^checkpoint(\d+)\.pt$")

@@ -3,7 +3,10 @@
 Each expert layer with a router keeps its last ``GateDecision``; after a forward pass the criterion
 collects them: the load-balancing losses join the training loss (Switch Transformer, Fedus et al.
 2021, eq. 4, scaled like the summed token loss), and the load, drop and entropy figures are logged.
-THOR's stochastic layers keep no decision, so for THOR the auxiliary loss is exactly 0.
+THOR's stochastic layers keep no decision, so for THOR the auxiliary loss is exactly 0; they count
+their training draws instead (rows per expert), and ``draw_balance_log`` turns those into the same
+``expert_load_max`` figure: the largest expert's share of a layer's rows, averaged over layer calls
+(1/E is perfect balance; batch routing gives 1 by design).
 """
 from typing import Dict, List, Tuple
 
@@ -38,6 +41,26 @@ def router_loss_and_log(model, sample_size) -> Tuple[Tensor, Dict[str, float]]:
         "gate_entropy": float(torch.stack([d.entropy.float() for d in decisions]).mean()),
     }
     return aux * sample_size, log
+
+
+def draw_balance_log(model) -> Dict[str, float]:
+    """Logging entries for THOR's training draws since the last call (cleared as they are read)."""
+    largest_shares = []
+    for module in model.modules():
+        counts = getattr(module, "draw_counts", None)
+        if counts:
+            largest_shares += [max(c) / sum(c) for c in counts if sum(c) > 0]
+            module.draw_counts = None
+    if not largest_shares:
+        return {}
+    return {"draw_layer_calls": float(len(largest_shares)), "draw_load_max": float(sum(largest_shares))}
+
+
+def reduce_draw_balance(logging_outputs):
+    calls = sum(log.get("draw_layer_calls", 0) for log in logging_outputs)
+    if calls:
+        largest = sum(log.get("draw_load_max", 0) for log in logging_outputs)
+        metrics.log_scalar("expert_load_max", largest / calls, calls, round=4)
 
 
 def reduce_router_metrics(logging_outputs):

@@ -26,7 +26,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from ..errors import ThorError
 from ..modules.consistency import symmetric_kl
 from ..shared_flags import add_dataclass_args_once
-from .router_stats import collect_decisions
+from .router_stats import collect_decisions, draw_balance_log, reduce_draw_balance
 
 
 def consistency_weight(alpha: float, warmup_updates: int, num_updates: int) -> float:
@@ -168,6 +168,7 @@ class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
             "ntokens": sample["ntokens"],
             "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
+            **draw_balance_log(model),  # expert_load_max of THOR's draws
         }
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, passes[0], sample)
@@ -178,6 +179,7 @@ class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
+        reduce_draw_balance(logging_outputs)
         if any("consistency" in log for log in logging_outputs):
             consistency = sum(log.get("consistency", 0) for log in logging_outputs)
             ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)

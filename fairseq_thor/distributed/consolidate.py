@@ -18,7 +18,6 @@ import os
 import uuid
 from argparse import Namespace
 
-import torch
 from fairseq import checkpoint_utils
 
 from .. import compat
@@ -116,8 +115,3 @@ def reshard_main(argv=None):
     checkpoint_utils.torch_persistent_save(shared, shards.shared_path(prefix))
     print(f"wrote {shards.shared_path(prefix)} and {args.world_size} rank files "
           f"({meta['num_experts'] // args.world_size} experts each)")
-
-
-if __name__ == "__main__":  # python -m fairseq_thor.distributed.consolidate
-    torch.set_num_threads(1)
-    consolidate_main()

@@ -28,6 +28,7 @@ from ..modules.routing import (
     PATH_SALT,
     PER_SENTENCE_MODES,
     Route,
+    RouteKind,
     draw_balanced_experts,
     draw_sentence_experts,
     keyed_sentence_experts,
@@ -53,6 +54,9 @@ class ExpertFFNMixin:
     # each batch, see ThorTransformerModel.set_sentence_keys) and by layer (``route_salt``).
     sentence_keys: Optional[Tensor] = None
     route_salt: int = 0
+    # THOR's training draws, rows per expert of each layer call since the criterion last looked
+    # (criterions/router_stats.py logs the largest share, as it does for the gated routers)
+    draw_counts: Optional[list] = None
 
     def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
         if q_noise > 0:
@@ -109,7 +113,7 @@ class ExpertFFNMixin:
             return route_from_choices(decision.experts, decision.weights, self.spec.num_experts,
                                       rows=keep)
 
-        return Route(kind="gated", decide=decide)
+        return Route(kind=RouteKind.GATED, decide=decide)
 
     def _expert_parallel_decision(self, rows: Tensor, pad_rows: Optional[Tensor]) -> GateDecision:
         decision, keep = self._router_decision(rows, pad_rows)
@@ -143,6 +147,7 @@ class ExpertFFNMixin:
             experts = torch.full((seq_len, batch_size), self.spec.inference_expert, dtype=torch.long)
         else:
             experts = draw_balanced_experts(mode, self.spec.num_experts, seq_len, batch_size)
+        self._count_draws(torch.bincount(experts.reshape(-1), minlength=self.spec.num_experts).tolist())
         return self.fc1.decided_by(
             lambda rows: random_decision(experts, self.spec.num_experts, rows.device))
 
@@ -168,9 +173,21 @@ class ExpertFFNMixin:
         seq_len, batch_size = x.shape[0], x.shape[1]  # x: T x B x C
         if sentence_experts is None:
             sentence_experts = self.keyed_sentence_experts(batch_size)
-        return make_route(self.routing_mode, self.spec.num_experts, seq_len, batch_size, x.device,
-                          fixed_expert=self.spec.inference_expert,
-                          sentence_experts=sentence_experts)
+        route = make_route(self.routing_mode, self.spec.num_experts, seq_len, batch_size, x.device,
+                           fixed_expert=self.spec.inference_expert,
+                           sentence_experts=sentence_experts)
+        if route.kind is RouteKind.ONE:
+            counts = [0] * self.spec.num_experts
+            counts[route.expert] = seq_len * batch_size
+            self._count_draws(counts)
+        elif route.kind is RouteKind.GROUPED:
+            self._count_draws(route.counts)
+        return route
+
+    def _count_draws(self, counts):
+        if self.training:  # what training routing gives each expert; evaluation is not logged
+            # the last few calls only: a criterion that never reads them must not grow this list
+            self.draw_counts = ((self.draw_counts or []) + [counts])[-16:]
 
 
 class ThorTransformerEncoderLayer(ExpertFFNMixin, TransformerEncoderLayerBase):

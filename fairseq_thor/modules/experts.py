@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .routing import Route
+from .routing import Route, RouteKind
 
 
 class ExpertLinear(nn.Module):
@@ -54,15 +54,15 @@ class ExpertLinear(nn.Module):
         route = self.route
         if route is None:
             raise RuntimeError("ExpertLinear was called outside an expert layer's routing context")
-        if route.kind == "one":
+        if route.kind is RouteKind.ONE:
             return F.linear(x, self.weight[route.expert], self.bias[route.expert])
-        if route.kind == "merged":
+        if route.kind is RouteKind.MERGED:
             return F.linear(x, *self._merged_weights())
-        if route.kind == "mean":
+        if route.kind is RouteKind.MEAN:
             return self._all_experts(x)
-        if route.kind == "grouped":
+        if route.kind is RouteKind.GROUPED:
             return self._grouped(x, route)
-        if route.kind == "gated":
+        if route.kind is RouteKind.GATED:
             return self._gated(x, route)
         raise ValueError(f"unknown route kind {route.kind!r}")
 

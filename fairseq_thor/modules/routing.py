@@ -19,6 +19,7 @@ saves and restores, so recomputation and reruns replay the same experts. Drawing
 means the per-expert row counts are known without a device synchronisation.
 """
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, List, Optional
 
 import torch
@@ -29,7 +30,6 @@ from ..errors import ThorError
 
 TRAIN_ROUTING = ["batch", "sentence", "token"]
 INFERENCE_ROUTING = ["sentence", "token", "batch", "fixed", "mean", "merged", "path"]
-TrainRoutingChoice = ChoiceEnum(TRAIN_ROUTING)
 InferenceRoutingChoice = ChoiceEnum(INFERENCE_ROUTING)
 
 # The modes whose draw is made once per sentence and then kept for the whole sequence; in
@@ -37,6 +37,16 @@ InferenceRoutingChoice = ChoiceEnum(INFERENCE_ROUTING)
 PER_SENTENCE_MODES = ("batch", "sentence", "path")
 # ``path`` draws each sentence's expert once for all layers: from this salt instead of the layer's
 PATH_SALT = (1 << 40) + 1
+
+
+class RouteKind(str, Enum):
+    """How an expert bank computes its rows (a ``str`` Enum: ``RouteKind.ONE == "one"``)."""
+
+    ONE = "one"          # every row through one expert
+    GROUPED = "grouped"  # rows gathered by expert, each group through its expert, put back
+    MEAN = "mean"        # every expert on every row, outputs averaged
+    MERGED = "merged"    # one FFN with the experts' weights averaged
+    GATED = "gated"      # a learned or hashed router decides (baselines)
 
 
 @dataclass
@@ -48,7 +58,7 @@ class Route:
     the reordering. kind ``mean`` / ``merged``: see the module docstring.
     """
 
-    kind: str
+    kind: RouteKind
     expert: int = 0
     order: Optional[Tensor] = None
     restore: Optional[Tensor] = None
@@ -61,6 +71,9 @@ class Route:
     weights: Optional[Tensor] = None
     source_shape: Optional[tuple] = None
 
+    def __post_init__(self):
+        self.kind = RouteKind(self.kind)  # a plain string is accepted; an unknown one is refused here
+
 
 def route_from_choices(experts: Tensor, weights: Tensor, num_experts: int,
                        rows: Optional[Tensor] = None) -> Route:
@@ -71,7 +84,7 @@ def route_from_choices(experts: Tensor, weights: Tensor, num_experts: int,
     source = source.unsqueeze(1).expand_as(experts)[kept]
     chosen = experts[kept]
     order = torch.argsort(chosen, stable=True)
-    return Route(kind="gated", order=source[order], weights=weights[kept][order],
+    return Route(kind=RouteKind.GATED, order=source[order], weights=weights[kept][order],
                  counts=torch.bincount(chosen, minlength=num_experts).tolist())
 
 
@@ -147,12 +160,12 @@ def route_from_assignment(assignment: Tensor, num_experts: int, device: torch.de
     counts = torch.bincount(flat, minlength=num_experts).tolist()
     used = [e for e, c in enumerate(counts) if c > 0]
     if len(used) == 1:  # a single expert needs no gather/scatter
-        return Route(kind="one", expert=used[0])
+        return Route(kind=RouteKind.ONE, expert=used[0])
     order = torch.argsort(flat, stable=True)
     restore = torch.empty_like(order)
     restore[order] = torch.arange(order.numel())
     return Route(
-        kind="grouped",
+        kind=RouteKind.GROUPED,
         order=order.to(device, non_blocking=True),
         restore=restore.to(device, non_blocking=True),
         counts=counts,
@@ -174,9 +187,9 @@ def make_route(
     does at every step after the first; otherwise per-sentence modes draw afresh.
     """
     if mode == "fixed":
-        return Route(kind="one", expert=fixed_expert)
+        return Route(kind=RouteKind.ONE, expert=fixed_expert)
     if mode in ("mean", "merged"):
-        return Route(kind=mode)
+        return Route(kind=RouteKind(mode))
     if mode == "token":
         return route_from_assignment(
             draw_token_experts(num_experts, seq_len, batch_size), num_experts, device
