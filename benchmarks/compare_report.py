@@ -15,6 +15,8 @@ import json
 import re
 from typing import Dict, List, Optional
 
+from fairseq_thor.generate_output import in_sentence_order
+
 ROUTER_STATS = ("aux_loss", "expert_load_max", "dropped", "gate_entropy")
 NUMBER = r"-?(?:\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?|inf|nan)"
 
@@ -113,13 +115,11 @@ def train_words_per_s(epochs: List[Dict[str, float]]) -> Optional[float]:
 
 def parse_generate_log(text: str) -> dict:
     """Hypotheses and references in sentence order, and decoding tokens/s."""
-    hyps = re.findall(r"^H-(\d+)\t[^\t]*\t(.*)$", text, re.M)
-    refs = re.findall(r"^T-(\d+)\t(.*)$", text, re.M)
     speed = re.search(rf"Translated ({NUMBER}) sentences \(({NUMBER}) tokens\) in ({NUMBER})s "
                       rf"\(({NUMBER}) sentences/s, ({NUMBER}) tokens/s\)", text)
     return {
-        "hypotheses": [t for _, t in sorted(hyps, key=lambda h: int(h[0]))],
-        "references": [t for _, t in sorted(refs, key=lambda r: int(r[0]))],
+        "hypotheses": in_sentence_order(text, "H"),
+        "references": in_sentence_order(text, "T"),
         "sentences": int(_number(speed.group(1))) if speed else None,
         "decode_tokens_per_s": _number(speed.group(5)) if speed else None,
     }

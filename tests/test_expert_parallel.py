@@ -10,7 +10,7 @@ from fairseq import utils as fairseq_utils
 
 from fairseq_thor.criterions.router_stats import collect_decisions
 from fairseq_thor.distributed.trainer import with_all_experts
-from fairseq_thor.distributed.expert_parallel_ffn import ExpertParallelFFN, expert_parameter_names
+from fairseq_thor.modules.expert_parallel_ffn import ExpertParallelFFN, expert_parameter_names
 from fairseq_thor.modules.routing import route_from_assignment
 
 NUM_EXPERTS = 4

@@ -97,7 +97,7 @@ def greedy_on_two_ranks(rank, world_size, ckpt_prefix, expert, expected):
     from omegaconf import OmegaConf
 
     from fairseq_thor.distributed import sharded_checkpoint as shards
-    from fairseq_thor.distributed.expert_parallel_ffn import expert_parameter_names
+    from fairseq_thor.modules.expert_parallel_ffn import expert_parameter_names
 
     rank_state = shards.load(shards.rank_path(ckpt_prefix, rank))
     shared = shards.shared_for(ckpt_prefix, rank_state)

@@ -26,20 +26,16 @@ from typing import Dict, List, Tuple
 
 import sacrebleu
 
+from fairseq_thor.generate_output import lines_by_id
+
 HYPHEN = re.compile(r"(\S)-(\S)")
 
 
 def read_generate(path: str) -> Tuple[List[str], List[str]]:
     """(hypotheses, tokenized references) from a fairseq-generate log, in sentence-id order."""
-    hyps: Dict[int, str] = {}
-    refs: Dict[int, str] = {}
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            fields = line.rstrip("\n").split("\t")
-            if fields[0].startswith("H-"):  # H-<id> <score> <text>
-                hyps[int(fields[0][2:])] = fields[2] if len(fields) > 2 else ""
-            elif fields[0].startswith("T-"):  # T-<id> <text>
-                refs[int(fields[0][2:])] = fields[1] if len(fields) > 1 else ""
+        text = f.read()
+    hyps, refs = lines_by_id(text, "H"), lines_by_id(text, "T")
     if hyps.keys() != refs.keys():
         raise ValueError(f"{path}: {len(hyps)} hypotheses but {len(refs)} references")
     order = sorted(hyps)

@@ -9,11 +9,12 @@ detokenized sacreBLEU and unaffected by <unk> pieces in fairseq's ``T-`` lines.
 import argparse
 import json
 import os
-import re
 import sys
 from typing import Dict, List
 
 import sacrebleu
+
+from fairseq_thor.generate_output import in_sentence_order
 
 from prepare import bitext_of
 
@@ -25,8 +26,7 @@ TOKENIZE = {"zh": "zh", "ja": "char", "ko": "char", "th": "char"}
 def hypotheses(log_path: str) -> List[str]:
     """fairseq-generate's H- lines in sentence order."""
     with open(log_path, encoding="utf-8") as f:
-        found = re.findall(r"^H-(\d+)\t[^\t]*\t(.*)$", f.read(), re.M)
-    return [text for _, text in sorted(found, key=lambda item: int(item[0]))]
+        return in_sentence_order(f.read(), "H")
 
 
 def score(raw: str, generate: str, models: List[str]) -> dict:

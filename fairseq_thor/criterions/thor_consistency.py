@@ -25,7 +25,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 
 from ..errors import ThorError
 from ..modules.consistency import symmetric_kl
-from ..shared_flags import add_dataclass_args_once
+from ..shared_flags import CONSISTENCY_ALPHA_HELP, DEFAULT_CONSISTENCY_ALPHA, add_dataclass_args_once
 from .router_stats import collect_decisions, draw_balance_log, reduce_draw_balance
 
 
@@ -46,12 +46,6 @@ def check_schedule(alpha, warmup_updates) -> None:
                          f"(0 = no warm-up), got {warmup_updates!r}")
 
 
-# Measured on the demo's budget (see README): the paper's alpha = 5 slows fitting in short runs.
-DEFAULT_CONSISTENCY_ALPHA = 1.0
-CONSISTENCY_ALPHA_HELP = (
-    "weight of the symmetric KL between the two stochastic passes (THOR's consistency "
-    "regulariser); 0 trains on the two cross-entropies alone (the paper uses 5 for IWSLT)"
-)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from omegaconf import open_dict
 
 from ..errors import ThorError
 from . import sharded_checkpoint as shards
-from .expert_parallel_ffn import expert_parameter_names
+from ..modules.expert_parallel_ffn import expert_parameter_names
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor, nn
 
-from ..distributed.expert_parallel_ffn import ExpertParallelFFN, random_decision
+from ..modules.expert_parallel_ffn import ExpertParallelFFN, random_decision
 from ..errors import ThorError
 from ..modules.experts import ExpertLinear, routed
 from ..modules.gate_decision import GateDecision

@@ -26,7 +26,7 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor
 
-from ..distributed.expert_parallel_ffn import ExpertParallelFFN
+from ..modules.expert_parallel_ffn import ExpertParallelFFN
 from ..errors import ThorError
 from ..modules.experts import ExpertLinear
 from .expert_layers import ExpertFFNMixin, ThorTransformerDecoderLayer, ThorTransformerEncoderLayer

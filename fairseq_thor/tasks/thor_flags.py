@@ -9,10 +9,9 @@ from typing import Callable, Optional
 
 from fairseq.dataclass import FairseqDataclass
 
-from ..criterions.thor_consistency import CONSISTENCY_ALPHA_HELP, DEFAULT_CONSISTENCY_ALPHA
 from ..errors import ThorError
-from ..models.thor_transformer import ThorTransformerModel
 from ..modules.routing import InferenceRoutingChoice
+from ..shared_flags import CONSISTENCY_ALPHA_HELP, DEFAULT_CONSISTENCY_ALPHA
 
 INFERENCE_LEVELS = {0: "token", 1: "sentence"}  # the reference code's --inference-level
 
@@ -72,12 +71,12 @@ def build_with_thor_flags(flags, model_cfg, build: Callable[[], object]):
     model = build()
     routing, expert = requested_inference_routing(flags), flags.inference_expert
     if routing is not None or expert is not None:
-        if not isinstance(model, ThorTransformerModel):
+        if not hasattr(model, "set_inference_routing"):  # thor_transformer's, asked of the model
             raise ThorError("--inference-routing / --inference-expert need a thor_transformer model")
         model.set_inference_routing(routing or model.args.inference_routing,
                                     model.args.inference_expert if expert is None else expert)
     if flags.eval_capacity_factor is not None:
-        if not isinstance(model, ThorTransformerModel):
+        if not hasattr(model, "set_eval_capacity_factor"):
             raise ThorError("--eval-capacity-factor needs a thor_transformer model")
         model.set_eval_capacity_factor(flags.eval_capacity_factor)
     return model

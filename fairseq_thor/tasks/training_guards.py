@@ -17,12 +17,9 @@ import sys
 
 import torch
 
-from ..criterions.thor_consistency import (
-    DEFAULT_CONSISTENCY_ALPHA,
-    ThorConsistencyCriterion,
-    check_fusable,
-)
+from ..criterions.thor_consistency import ThorConsistencyCriterion, check_fusable
 from ..errors import ThorError
+from ..shared_flags import DEFAULT_CONSISTENCY_ALPHA
 
 logger = logging.getLogger(__name__)
 

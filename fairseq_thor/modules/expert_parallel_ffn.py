@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
-from ..modules.experts import ExpertLinear
-from ..modules.gate_decision import (
+from .experts import ExpertLinear
+from .gate_decision import (
     GateDecision,
     decision_to_dispatch,
     expert_counts,
