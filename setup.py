@@ -42,6 +42,7 @@ setup(
             "fairseq-thor-consolidate=fairseq_thor.distributed.consolidate:consolidate_main",
             "fairseq-thor-reshard=fairseq_thor.distributed.consolidate:reshard_main",
             "fairseq-thor-export-dense=fairseq_thor.export_dense:main",
+            "fairseq-thor-average=fairseq_thor.average:main",
         ]
     },
 )

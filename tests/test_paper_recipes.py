@@ -1,6 +1,5 @@
 """examples/iwslt14_de_en and examples/wmt16_en_de: the paper's data preparation, training and
 decoding recipes, checked offline on small stand-in corpora written here (no download)."""
-import argparse
 import importlib.util
 import os
 import re
@@ -29,7 +28,6 @@ def load(path):
 
 prepare = load(os.path.join(IWSLT, "prepare.py"))
 score = load(os.path.join(IWSLT, "score.py"))
-average_checkpoints = load(os.path.join(WMT, "average_checkpoints.py"))
 
 DE = ["Das ist ein kleines Haus.", 'Ich habe "Hunger", sagte er.', "Wir gehen heute nach Hause!",
       "Die Katze schläft auf dem Sofa."]
@@ -267,25 +265,6 @@ def test_score_refuses_when_sentences_are_missing(tmp_path):
     (tmp_path / "ref.en").write_text("a b c d\na b c d\na b c d\n", encoding="utf-8")
     with pytest.raises(ValueError, match="2 translations but .* has 3 lines"):
         score.score(str(gen), str(tmp_path / "ref.en"), "en")
-
-
-def test_average_of_the_last_epoch_checkpoints(tmp_path):
-    for epoch, value in ((1, 100.0), (2, 1.0), (9, 2.0), (10, 6.0)):
-        torch.save({"model": {"w": torch.full((2,), value, dtype=torch.float16),
-                              "steps": torch.tensor([epoch])},
-                    "args": argparse.Namespace(arch="thor_transformer", epoch=epoch),
-                    "last_optimizer_state": {"exp_avg": torch.ones(2)}}, tmp_path / f"checkpoint{epoch}.pt")
-    torch.save({}, tmp_path / "checkpoint_last.pt")  # not an epoch checkpoint: ignored
-    paths = average_checkpoints.last_epoch_checkpoints(str(tmp_path), 3)
-    assert [os.path.basename(p) for p in paths] == ["checkpoint2.pt", "checkpoint9.pt", "checkpoint10.pt"]
-    average_checkpoints.main(["--inputs", str(tmp_path), "--num-epoch-checkpoints", "3",
-                              "--output", str(tmp_path / "avg.pt")])
-    avg = torch.load(tmp_path / "avg.pt")
-    assert avg["model"]["w"].dtype == torch.float16 and avg["model"]["w"].tolist() == [3.0, 3.0]
-    assert avg["model"]["steps"].tolist() == [10]  # integer buffers: the newest checkpoint's
-    assert avg["args"].epoch == 10 and avg["last_optimizer_state"] is None
-    with pytest.raises(ValueError, match="fewer than 5"):
-        average_checkpoints.last_epoch_checkpoints(str(tmp_path), 5)
 
 
 # ---- WMT'16: preparing an extracted wmt16_en_de.tar.gz --------------------------------------------

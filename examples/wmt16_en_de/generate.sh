@@ -22,8 +22,7 @@ EXTRA_ARGS=${EXTRA_ARGS:-}
 
 if [ "$AVERAGE" -gt 0 ]; then
   CKPT=$SAVE_DIR/checkpoint.avg$AVERAGE.pt
-  average=(python examples/wmt16_en_de/average_checkpoints.py --inputs "$SAVE_DIR"
-           --num-epoch-checkpoints "$AVERAGE" --output "$CKPT")
+  average=(fairseq-thor-average --inputs "$SAVE_DIR" --num-epoch-checkpoints "$AVERAGE" --out "$CKPT")
 fi
 cmd=(fairseq-generate "$DATA" --user-dir fairseq_thor --task translation_thor
      --path "$CKPT" --gen-subset test --batch-size 128 --beam 4 --lenpen 0.6 --remove-bpe
