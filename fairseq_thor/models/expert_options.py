@@ -6,8 +6,11 @@ checkpoint. The inference options can be changed at decoding time through the ta
 """
 import argparse
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import FrozenSet, Optional
+
+from omegaconf import OmegaConf, open_dict
 
 from ..errors import ThorError
 from ..modules.routing import INFERENCE_ROUTING, TRAIN_ROUTING
@@ -89,25 +92,40 @@ def add_inference_args(group, default=None):
                        help="the expert used by --inference-routing fixed, 0 <= K < E (default 0)")
 
 
+# Every THOR model option and its default, in one place: the argparse flags above, checkpoints from
+# before an option existed and hydra configs (which skip argparse) are all completed from here.
+EXPERT_DEFAULTS = {
+    "num_experts": DEFAULT_NUM_EXPERTS,
+    "encoder_expert_layers": DEFAULT_EXPERT_LAYERS,
+    "decoder_expert_layers": DEFAULT_EXPERT_LAYERS,
+    "encoder_expert_ffn_dim": None,
+    "decoder_expert_ffn_dim": None,
+    "expert_routing": DEFAULT_TRAIN_ROUTING,
+    "inference_routing": DEFAULT_INFERENCE_ROUTING,
+    "inference_expert": 0,
+    "expert_parallel": False,
+    "expert_router": "stochastic",
+    "capacity_factor": 1.0,
+    "eval_capacity_factor": None,  # no cap: evaluation drops no token
+}
+
+
 def set_expert_defaults(args):
-    """Fill THOR defaults the fairseq way: keep what the user (or the checkpoint) set."""
-    defaults = {
-        "num_experts": DEFAULT_NUM_EXPERTS,
-        "encoder_expert_layers": DEFAULT_EXPERT_LAYERS,
-        "decoder_expert_layers": DEFAULT_EXPERT_LAYERS,
-        "encoder_expert_ffn_dim": None,
-        "decoder_expert_ffn_dim": None,
-        "expert_routing": DEFAULT_TRAIN_ROUTING,
-        "inference_routing": DEFAULT_INFERENCE_ROUTING,
-        "inference_expert": 0,
-        "expert_parallel": False,
-        "expert_router": "stochastic",
-        "capacity_factor": 1.0,
-        "eval_capacity_factor": None,  # no cap: evaluation drops no token
-    }
-    for name, default in defaults.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, default)
+    """Fill THOR defaults the fairseq way: keep what the user (or the checkpoint) set. Under
+    fairseq-hydra-train an architecture function gets an omegaconf DictConfig: opened for it."""
+    with open_dict(args) if OmegaConf.is_config(args) else nullcontext():
+        for name, default in EXPERT_DEFAULTS.items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, default)
+
+
+def as_namespace(args) -> argparse.Namespace:
+    """The model options as the Namespace fairseq-train gives: fairseq-hydra-train gives a
+    DictConfig, from which ``TransformerConfig.from_namespace`` would drop every option it does not
+    declare (THOR's), as it reads the extra options of a Namespace only."""
+    if OmegaConf.is_config(args):
+        return argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
+    return args
 
 
 def parse_expert_layers(spec: str, num_layers: int, option: str) -> FrozenSet[int]:

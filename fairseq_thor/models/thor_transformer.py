@@ -33,6 +33,7 @@ from .expert_layers import ExpertFFNMixin, ThorTransformerDecoderLayer, ThorTran
 from .expert_options import (
     ExpertSpec,
     add_expert_args,
+    as_namespace,
     set_expert_defaults,
     validate_eval_capacity_factor,
     validate_inference,
@@ -119,6 +120,7 @@ class ThorTransformerModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
+        args = as_namespace(args)  # fairseq-hydra-train: see as_namespace
         set_expert_defaults(args)
         if args.expert_parallel and not (dist.is_available() and dist.is_initialized()):
             raise ThorError(
