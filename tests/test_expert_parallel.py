@@ -210,3 +210,48 @@ def test_training_settings_that_would_mix_up_expert_gradients_are_refused(change
     check_expert_parallel_config(cfg(fp16=True, fp16_no_flatten_grads=True))
     with pytest.raises(ValueError, match=message):
         check_expert_parallel_config(cfg(**change))
+
+
+# ---- index dispatch against fairscale's einsum dispatch ------------------------------------------
+
+def dispatch_body(rank, world_size):
+    from fairscale.nn.moe import MOELayer
+
+    from fairseq_thor.modules.experts import ExpertLinear
+    from fairseq_thor.modules.gate_decision import make_decision
+
+    torch.manual_seed(0)  # the same banks on both ranks; each keeps its experts
+    fc1 = ExpertLinear(NUM_EXPERTS, 6, 10, dispatches=True)
+    fc2 = ExpertLinear(NUM_EXPERTS, 10, 6, dispatches=False)
+    ffn = ExpertParallelFFN(fc1, fc2, torch.relu, torch.nn.Identity())
+    g = torch.Generator().manual_seed(10 + rank)  # each rank its own rows and choices
+    rows = 10 + 4 * rank  # MOELayer wants a multiple of the local expert count
+    x = torch.randn(rows, 1, 6, generator=g)
+    # top-2 choices with drops (-1), rows whose both choices are dropped, repeated experts
+    experts = torch.randint(NUM_EXPERTS, (rows, 2), generator=g)
+    experts[::3, 1] = -1
+    experts[1, :] = -1
+    weights = torch.rand(rows, 2, generator=g) * (experts >= 0)
+    decision = make_decision(experts, weights, NUM_EXPERTS, torch.zeros(()), torch.zeros(()))
+    results = []
+    for forward in (lambda inp: MOELayer.forward(ffn.moe, inp), ffn.moe):  # einsum, then index
+        ffn.zero_grad()
+        inp = x.clone().requires_grad_()
+        ffn.moe.gate.decision = decision
+        out = forward(inp)
+        (out * torch.arange(out.numel()).view(out.shape).sin()).sum().backward()
+        results.append((out.detach(), inp.grad, [p.grad.clone() for p in ffn.parameters()]))
+    (out_e, grad_e, params_e), (out_i, grad_i, params_i) = results
+    assert out_i[1].abs().sum() == 0  # a row with every choice dropped gets 0, as with the mask
+    torch.testing.assert_close(out_i, out_e)
+    torch.testing.assert_close(grad_i, grad_e)
+    for a, b in zip(params_i, params_e):
+        torch.testing.assert_close(a, b)
+    # activations cross in their own dtype: half precision stays half
+    ffn.to(torch.float16)
+    ffn.moe.gate.decision = decision
+    assert ffn.moe(x.half()).dtype == torch.float16
+
+
+def test_index_dispatch_equals_fairscales_einsum_dispatch_with_drops_and_top2():
+    run_in_processes(dispatch_body, 2)

@@ -8,10 +8,15 @@ experts run, and a second all-to-all brings the results home.
 
 THOR has no gate network: its layer draws a balanced random permutation
 (``routing.draw_balanced_experts``), and ``DecisionGate`` turns that draw (or a baseline router's
-choices) into fairscale's gate contract ``(l_aux, combine_weights, dispatch_mask)``. all-to-all
-exchanges equally sized blocks, so every expert reserves the largest number of rows any expert
-receives on any process (agreed with one all-reduce): THOR drops no row, ranks with different
-batch sizes still exchange matching blocks, and the balanced draw keeps the padding small.
+choices) into slots. all-to-all exchanges equally sized blocks, so every expert reserves the largest
+number of rows any expert receives on any process (agreed with one all-reduce): THOR drops no row,
+ranks with different batch sizes still exchange matching blocks, and the balanced draw keeps the
+padding small.
+
+``IndexDispatchMoE`` keeps fairscale's ``MOELayer`` (its all-to-all, its expert tagging, its
+parameter names) but dispatches and combines with index copies instead of MOELayer's einsums over
+an S x E x C mask, whose cost grows like the FFN's own at a few thousand tokens; and it exchanges
+the activations in their own dtype (fp16/bf16 under mixed precision), not float32.
 """
 from contextlib import contextmanager
 from dataclasses import replace
@@ -20,6 +25,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from fairscale.nn.moe import MOELayer
+from fairscale.nn.moe.moe_layer import _AllToAll
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
@@ -28,6 +34,7 @@ from .experts import ExpertLinear
 from .gate_decision import (
     GateDecision,
     decision_to_dispatch,
+    decision_to_slots,
     expert_counts,
     make_decision,
 )
@@ -47,14 +54,44 @@ class DecisionGate(nn.Module):
         self.group = group
         self.decision: Optional[GateDecision] = None
 
-    def forward(self, rows: Tensor) -> Tuple[Tensor, Tensor, Tensor]:  # rows: S x C
+    def capacity(self, rows: Tensor) -> int:
         decision = self.decision
         if decision is None or decision.experts.size(0) != rows.size(0):
             raise RuntimeError("DecisionGate needs a decision for every row")
         capacity = expert_counts(decision, self.num_experts).max().reshape(1).to(rows.device)
         dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.group)
-        combine, dispatch = decision_to_dispatch(decision, self.num_experts, int(capacity.item()))
-        return decision.aux_loss, combine.to(rows.dtype), dispatch  # S x E x C each
+        return int(capacity.item())
+
+    def forward(self, rows: Tensor) -> Tuple[Tensor, Tensor, Tensor]:  # rows: S x C
+        """fairscale's dense contract (MOELayer's own einsum path; kept to test against)."""
+        combine, dispatch = decision_to_dispatch(self.decision, self.num_experts, self.capacity(rows))
+        return self.decision.aux_loss, combine.to(rows.dtype), dispatch  # S x E x C each
+
+    def slots(self, rows: Tensor) -> Tuple[Tensor, int, Tuple[Tensor, Tensor, Tensor]]:
+        """``(l_aux, capacity, (rows, slots, weights))``: see ``decision_to_slots``."""
+        capacity = self.capacity(rows)
+        return self.decision.aux_loss, capacity, decision_to_slots(self.decision, self.num_experts, capacity)
+
+
+class IndexDispatchMoE(MOELayer):
+    """fairscale's ``MOELayer`` with index-based dispatch and combine (module docstring)."""
+
+    def forward(self, *input: Tensor, **kwargs) -> Tensor:  # input: S x 1 x M, like MOELayer's
+        (x,) = input
+        d_model = x.size(-1)
+        rows = x.reshape(-1, d_model)
+        self.l_aux, capacity, (source, slots, weights) = self.gate.slots(rows)
+        num_experts = self.world_size * self.num_local_experts
+        # each kept choice's row in its expert's slot; empty slots stay 0 (what the mask gave)
+        dispatched = rows.new_zeros(num_experts * capacity, d_model).index_copy(
+            0, slots, rows.index_select(0, source))
+        dispatched = _AllToAll.apply(self.group, dispatched.view(num_experts, capacity, d_model))
+        dispatched = dispatched.reshape(self.world_size, self.num_local_experts, -1, d_model)
+        outputs = torch.cat([expert(chunk) for chunk, expert in
+                             zip(dispatched.chunk(self.num_local_experts, dim=1), self.experts)], dim=1)
+        outputs = _AllToAll.apply(self.group, outputs).reshape(num_experts * capacity, d_model)
+        picked = outputs.index_select(0, slots) * weights.to(outputs.dtype).unsqueeze(1)
+        return rows.new_zeros(rows.shape).index_add(0, source, picked).reshape(x.shape)
 
 
 def random_decision(experts: Tensor, num_experts: int, device: torch.device) -> GateDecision:
@@ -85,7 +122,7 @@ class ExpertFFN(nn.Module):
         self.activation_dropout = activation_dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype  # the exchange is float32; the expert runs in its weights' dtype (fp16)
+        dtype = x.dtype  # the exchange runs in the activations' dtype; the expert in its weights'
         h = self.activation_dropout(self.activation_fn(self.fc1(x.to(self.fc1.weight.dtype))))
         return self.fc2(h).to(dtype)
 
@@ -126,14 +163,13 @@ class ExpertParallelFFN(nn.Module):
         )
         # MOELayer tags every expert parameter with `expert = True`: fairseq's legacy_ddp then
         # leaves their gradients alone (each process owns different experts).
-        self.moe = MOELayer(DecisionGate(num_experts, group), local, group)
+        self.moe = IndexDispatchMoE(DecisionGate(num_experts, group), local, group)
         self.decide: Optional[Callable[[Tensor], GateDecision]] = None
 
     def forward(self, x: Tensor) -> Tensor:  # T x B x C
         if self.decide is None:
             raise RuntimeError("ExpertParallelFFN was called outside its layer's routing context")
-        # fairscale dispatches with a float32 mask, so the exchange runs in float32
-        rows = x.reshape(-1, x.size(-1)).float()
+        rows = x.reshape(-1, x.size(-1))  # exchanged in its own dtype (fp16/bf16 stay half)
         decision = self.decide(rows)
         # MOELayer wants an (s, t, m) input whose s is a multiple of the local expert count:
         # feed it S x 1 x C rows, padded with rows that go nowhere (expert -1)

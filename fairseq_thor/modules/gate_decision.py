@@ -86,18 +86,14 @@ def expert_counts(decision: GateDecision, num_experts: int) -> Tensor:
     return torch.bincount(experts[experts >= 0], minlength=num_experts)
 
 
-def decision_to_dispatch(
-    decision: GateDecision, num_experts: int, capacity: int
-) -> Tuple[Tensor, Tensor]:
-    """``(combine_weights (S,E,C) float, dispatch_mask (S,E,C) bool)`` for fairscale's ``MOELayer``.
+def decision_to_slots(decision: GateDecision, num_experts: int, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(rows, slots, weights)`` of the kept choices: choice i sends row ``rows[i]`` to slot
+    ``slots[i] = expert * capacity + place`` of an ``(E * capacity)``-row buffer, and its output comes
+    back scaled by ``weights[i]``.
 
     Each kept choice takes the next free slot of its expert, in row order (row 0's choices, then
-    row 1's, ...), so ``einsum("sec,sm->ecm")`` packs every expert's rows into its first slots and
-    ``einsum("sec,ecm->sm")`` gives each row back ``sum_k weight_k * expert_k(x)``; dropped choices
-    have no slot and dropped rows combine to 0. The caller sizes ``capacity`` (e.g. the max of
-    :func:`expert_counts` over processes, so that all-to-all buffers match); too small raises.
-    ``combine_weights`` has the decision's float32 dtype: with fp16 experts, cast it before the
-    combining einsum (fairscale's own gate returns it in the logits' dtype).
+    row 1's, ...); dropped choices (expert -1) have no slot. The caller sizes ``capacity`` (e.g. the
+    max of :func:`expert_counts` over processes, so that all-to-all buffers match); too small raises.
     """
     experts, weights = decision.experts, decision.weights
     num_rows, choices = experts.shape
@@ -109,12 +105,27 @@ def decision_to_dispatch(
         raise ValueError(
             f"capacity {capacity} is too small: experts receive {counts.tolist()} kept choices"
         )
-    slot = (one_hot.cumsum(dim=0) - 1).gather(1, flat.clamp(min=0).unsqueeze(1)).squeeze(1)
+    place = (one_hot.cumsum(dim=0) - 1).gather(1, flat.clamp(min=0).unsqueeze(1)).squeeze(1)
     row = torch.arange(num_rows, device=experts.device).repeat_interleave(choices)
-    index = (row[kept], flat[kept], slot[kept])
+    return row[kept], (flat * capacity + place)[kept], weights.reshape(-1)[kept]
+
+
+def decision_to_dispatch(
+    decision: GateDecision, num_experts: int, capacity: int
+) -> Tuple[Tensor, Tensor]:
+    """``(combine_weights (S,E,C) float, dispatch_mask (S,E,C) bool)`` for fairscale's ``MOELayer``.
+
+    The dense form of :func:`decision_to_slots`: ``einsum("sec,sm->ecm")`` packs every expert's rows
+    into its first slots and ``einsum("sec,ecm->sm")`` gives each row back
+    ``sum_k weight_k * expert_k(x)``; dropped rows combine to 0. ``combine_weights`` has the
+    decision's float32 dtype: with fp16 experts, cast it before the combining einsum.
+    """
+    rows, slots, weights = decision_to_slots(decision, num_experts, capacity)
+    num_rows = decision.experts.size(0)
+    index = (rows, slots // capacity, slots % capacity)
     shape = (num_rows, num_experts, capacity)
-    combine = weights.new_zeros(shape).index_put(index, weights.reshape(-1)[kept])
-    dispatch = torch.zeros(shape, dtype=torch.bool, device=experts.device).index_put(
-        index, torch.ones((), dtype=torch.bool, device=experts.device)
+    combine = decision.weights.new_zeros(shape).index_put(index, weights)
+    dispatch = torch.zeros(shape, dtype=torch.bool, device=rows.device).index_put(
+        index, torch.ones((), dtype=torch.bool, device=rows.device)
     )
     return combine, dispatch
