@@ -120,3 +120,8 @@ def test_the_task_groups_only_for_path_models(dictionary):
     grouped = task.grouped_by_path_expert(dataset)
     assert isinstance(grouped, BatchesByExpert) and grouped.num_experts == 4
     assert task.grouped_by_path_expert(dataset) is grouped  # one wrapper: fairseq caches iterators by it
+    task.dataset_to_epoch_iter = {grouped: "the iterator fairseq cached for it"}
+    torch.manual_seed(SEED + 1)  # fairseq reseeds at every update: the next validation's seed
+    regrouped = task.grouped_by_path_expert(dataset)
+    assert regrouped is not grouped and regrouped.seed == SEED + 1
+    assert task.dataset_to_epoch_iter == {}  # the stale iterator is not kept alive

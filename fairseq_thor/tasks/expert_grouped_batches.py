@@ -63,8 +63,12 @@ class ExpertGroupedBatches:
         if not self._path_experts:
             return dataset
         seed = torch.initial_seed()  # what the model's keyed draws will read (fairseq seeds it)
-        cache: Dict[tuple, BatchesByExpert] = self.__dict__.setdefault("_grouped_datasets", {})
-        key = (id(dataset), self._path_experts, seed)  # one wrapper per split: fairseq caches by it
-        if key not in cache:
-            cache[key] = BatchesByExpert(dataset, self._path_experts, seed)
-        return cache[key]
+        cache: Dict[int, BatchesByExpert] = self.__dict__.setdefault("_grouped_datasets", {})
+        wrapper = cache.get(id(dataset))
+        if wrapper is None or (wrapper.num_experts, wrapper.seed) != (self._path_experts, seed):
+            # fairseq reseeds every update, so each validation in training sees another seed: one
+            # wrapper per split, and the iterator fairseq cached for the previous one is let go
+            if wrapper is not None:
+                getattr(self, "dataset_to_epoch_iter", {}).pop(wrapper, None)
+            wrapper = cache[id(dataset)] = BatchesByExpert(dataset, self._path_experts, seed)
+        return wrapper
