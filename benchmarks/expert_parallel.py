@@ -4,12 +4,14 @@ Times forward + backward of one THOR encoder layer (E experts, sentence routing)
 per-process batch:
 * 1 process: all E experts local (fairseq_thor's grouped expert bank), all cores;
 * W processes (gloo, one core each): E/W experts per process behind fairscale's MOELayer; the
-  time spent inside ``all_to_all_single`` (forward and backward) is measured separately.
+  time spent inside ``all_to_all_single`` (forward and backward) is measured separately. Run twice,
+  side by side: with our index dispatch (``IndexDispatchMoE``) and with fairscale's own einsum
+  dispatch over the S x E x C mask (``--dispatch`` picks one).
 Tokens/s of the W-process run counts the tokens of all processes. On one CPU machine the
 processes share the cores, so this measures overheads (dispatch, exchange), not scaling.
 
     python benchmarks/expert_parallel.py [--experts 4 --tokens 2048 --dim 256 --ffn 1024]
-Writes benchmarks/results/expert_parallel.json.
+Writes benchmarks/results/expert_parallel-e<E>.json.
 """
 import argparse
 import json
@@ -58,8 +60,13 @@ def one_process(args):
             "tokens_per_s": args.tokens / seconds}
 
 
-def rank_main(rank, args, port, results):
+def rank_main(rank, args, port, results, dispatch):
     torch.set_num_threads(1)
+    if dispatch == "einsum":  # fairscale's MOELayer.forward, as before IndexDispatchMoE
+        from fairscale.nn.moe import MOELayer
+
+        from fairseq_thor.modules.expert_parallel_ffn import IndexDispatchMoE
+        IndexDispatchMoE.forward = MOELayer.forward
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=args.world_size)
     exchange = {"seconds": 0.0}
@@ -79,14 +86,14 @@ def rank_main(rank, args, port, results):
     dist.destroy_process_group()
 
 
-def many_processes(args):
+def many_processes(args, dispatch):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(rank_main, args=(args, port, results), nprocs=args.world_size, join=True)
+    mp.spawn(rank_main, args=(args, port, results, dispatch), nprocs=args.world_size, join=True)
     step = max(r[0] for r in results.values())
     exchange = sum(r[1] for r in results.values()) / args.world_size
     return {"processes": args.world_size, "threads": 1, "step_s": step,
@@ -103,23 +110,30 @@ def main():
     parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dispatch", choices=["both", "index", "einsum"], default="both",
+                        help="expert-parallel dispatch to time (default: both, side by side)")
     args = parser.parse_args()
     import fairseq_thor  # noqa: F401  (registers the plugin; quiet imports before timing)
 
     single = one_process(args)
-    sharded = many_processes(args)
+    dispatches = ["index", "einsum"] if args.dispatch == "both" else [args.dispatch]
+    sharded = {d: many_processes(args, d) for d in dispatches}
     print(f"expert layer, E={args.experts}, d={args.dim}, ffn={args.ffn}, "
           f"{args.tokens} tokens per process, forward+backward")
-    print(f"{'run':<28}{'step (ms)':>11}{'tokens/s':>11}{'all-to-all':>12}")
-    print(f"{'1 process, ' + str(single['threads']) + ' threads':<28}{1000 * single['step_s']:>11.1f}"
-          f"{single['tokens_per_s']:>11.0f}{'-':>12}")
-    print(f"{str(args.world_size) + ' processes x 1 thread':<28}{1000 * sharded['step_s']:>11.1f}"
-          f"{sharded['tokens_per_s']:>11.0f}{100 * sharded['all_to_all_share']:>11.1f}%")
+    print(f"{'run':<34}{'step (ms)':>11}{'tokens/s':>11}{'all-to-all':>12}{'ratio':>8}")
+    print(f"{'1 process, ' + str(single['threads']) + ' threads':<34}{1000 * single['step_s']:>11.1f}"
+          f"{single['tokens_per_s']:>11.0f}{'-':>12}{1:>8.2f}")
+    for dispatch, run in sharded.items():
+        run["ratio"] = run["tokens_per_s"] / single["tokens_per_s"]
+        print(f"{f'{args.world_size} processes x 1 thread, {dispatch}':<34}{1000 * run['step_s']:>11.1f}"
+              f"{run['tokens_per_s']:>11.0f}{100 * run['all_to_all_share']:>11.1f}%{run['ratio']:>8.2f}")
     print(f"ratio {args.world_size}-process / 1-process tokens/s: "
-          f"{sharded['tokens_per_s'] / single['tokens_per_s']:.2f}")
+          + ", ".join(f"{d} dispatch {r['ratio']:.2f}" for d, r in sharded.items()) + " (aim >= 0.9)")
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(REPO, "benchmarks", "results", "expert_parallel.json"), "w") as f:
+    out = os.path.join(REPO, "benchmarks", "results", f"expert_parallel-e{args.experts}.json")
+    with open(out, "w") as f:
         json.dump({"args": vars(args), "one_process": single, "expert_parallel": sharded}, f, indent=2)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
