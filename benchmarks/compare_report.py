@@ -15,8 +15,6 @@ import json
 import re
 from typing import Dict, List, Optional
 
-from fairseq_thor.generate_output import in_sentence_order
-
 ROUTER_STATS = ("aux_loss", "expert_load_max", "dropped", "gate_entropy")
 NUMBER = r"-?(?:\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?|inf|nan)"
 
@@ -115,6 +113,10 @@ def train_words_per_s(epochs: List[Dict[str, float]]) -> Optional[float]:
 
 def parse_generate_log(text: str) -> dict:
     """Hypotheses and references in sentence order, and decoding tokens/s."""
+    # imported here: importing the plugin loads fairseq and fairscale (seconds, and warnings on
+    # stderr), which quality.py/compare.py must not pay before their one-line argument errors
+    from fairseq_thor.generate_output import in_sentence_order
+
     speed = re.search(rf"Translated ({NUMBER}) sentences \(({NUMBER}) tokens\) in ({NUMBER})s "
                       rf"\(({NUMBER}) sentences/s, ({NUMBER}) tokens/s\)", text)
     return {
