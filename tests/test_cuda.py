@@ -67,27 +67,26 @@ def test_training_routing_gives_the_cpu_output(routing, dtype):
                 f"{routing} routing")
 
 
-@PRECISIONS
-@pytest.mark.parametrize("routing", ["sentence", "token", "fixed", "mean", "merged"])
-def test_inference_routing_gives_the_cpu_output(routing, dtype):
-    model, sample = model_and_sample(["--num-experts", "4", "--inference-routing", routing])
+def assert_evaluation_matches_cpu(extra, dtype, what):
+    model, sample = model_and_sample(["--num-experts", "4", *extra])
     gpu = on_device(model, dtype).eval()
     expected = logits(model.eval(), sample, seed=5)
     with torch.no_grad():
         actual = logits(gpu, {"net_input": device_batch(sample["net_input"])}, seed=5)
-    assert_near(actual, expected, dtype, f"{routing} inference")
+    assert_near(actual, expected, dtype, what)
+
+
+@PRECISIONS
+@pytest.mark.parametrize("routing", ["sentence", "token", "fixed", "mean", "merged"])
+def test_inference_routing_gives_the_cpu_output(routing, dtype):
+    assert_evaluation_matches_cpu(["--inference-routing", routing], dtype, f"{routing} inference")
 
 
 @PRECISIONS
 @pytest.mark.parametrize("router", ["switch", "gshard", "hash"])
 def test_gated_routers_give_the_cpu_output(router, dtype):
     # evaluation mode: GShard samples its second expert in training, from a device-side sampler
-    model, sample = model_and_sample(["--num-experts", "4", "--expert-router", router])
-    gpu = on_device(model, dtype).eval()
-    expected = logits(model.eval(), sample, seed=5)
-    with torch.no_grad():
-        actual = logits(gpu, {"net_input": device_batch(sample["net_input"])}, seed=5)
-    assert_near(actual, expected, dtype, f"{router} router")
+    assert_evaluation_matches_cpu(["--expert-router", router], dtype, f"{router} router")
 
 
 @PRECISIONS
