@@ -20,26 +20,21 @@ fairseq and knows nothing of expert-sharded saves. Here:
 """
 import argparse
 import os
-import re
 import uuid
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq import checkpoint_utils
 
-from . import compat
+from . import checkpoint_files, compat
 from .distributed import sharded_checkpoint as shards
 from .errors import ThorError
-
-# checkpoint<epoch>.pt and checkpoint_<epoch>_<update>.pt, one-process or one file of a sharded save
-_EPOCH = re.compile(r"^checkpoint(\d+)(-rank-\d+|-shared)?\.pt$")
-_UPDATE = re.compile(r"^checkpoint_\d+_(\d+)(-rank-\d+|-shared)?\.pt$")
 
 
 def last_checkpoints(directory: str, count: int, by: str) -> List[str]:
     """The ``count`` newest epoch (``by="epoch"``) or update checkpoints in ``directory``, oldest
     first: a one-process save as its file, a sharded one as its prefix (``dir/checkpoint12``)."""
-    pattern = _EPOCH if by == "epoch" else _UPDATE
+    pattern = checkpoint_files.EPOCH_SAVE if by == "epoch" else checkpoint_files.UPDATE_SAVE
     saves: Dict[int, str] = {}
     for name in os.listdir(directory):
         match = pattern.match(name)

@@ -32,12 +32,19 @@ from .errors import ThorError
 
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTOCOL_2_OR_LATER = b"\x80"  # what a legacy torch.save file starts with
-NUMBERED = re.compile(r"checkpoint(\d+|_\d+_\d+)(-rank-\d+|-shared)?\.pt$")  # epoch or epoch_update
+# fairseq's numbered saves, one-process or one file of a sharded save (group 1: the number,
+# group 2: the shard suffix): checkpoint<epoch>.pt and checkpoint_<epoch>_<update>.pt
+EPOCH_SAVE = re.compile(r"^checkpoint(\d+)(-rank-\d+|-shared)?\.pt$")
+UPDATE_SAVE = re.compile(r"^checkpoint_\d+_(\d+)(-rank-\d+|-shared)?\.pt$")
 ALTERNATIVES_TO_VERIFY = 3  # intact siblings looked for in an error message (each is read whole)
 
 
 class UnreadableCheckpoint(ThorError):
     """A checkpoint that is truncated, changed after it was written, or refused by the loader."""
+
+
+def is_numbered(name: str) -> bool:
+    return bool(EPOCH_SAVE.match(name) or UPDATE_SAVE.match(name))
 
 
 # ---- verification ------------------------------------------------------------------------------
@@ -71,7 +78,7 @@ def intact_alternatives(path: str, limit: int = ALTERNATIVES_TO_VERIFY) -> List[
                   if os.path.abspath(p) != os.path.abspath(path) and _shard_suffix(os.path.basename(p)) == suffix]
     found = []
     # numbered saves first: checkpoint_best/_last are copies of one of them
-    newest_first = sorted(candidates, key=lambda p: (bool(NUMBERED.match(os.path.basename(p))), os.path.getmtime(p)),
+    newest_first = sorted(candidates, key=lambda p: (is_numbered(os.path.basename(p)), os.path.getmtime(p)),
                           reverse=True)
     for candidate in newest_first:
         if len(found) == limit:

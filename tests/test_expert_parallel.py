@@ -9,26 +9,26 @@ from distributed_utils import run_in_processes
 from fairseq import utils as fairseq_utils
 
 from fairseq_thor.criterions.router_stats import collect_decisions
-from fairseq_thor.distributed.trainer import with_all_experts
+from fairseq_thor.distributed.trainer import reduce_expert_gradients, with_all_experts
 from fairseq_thor.modules.expert_parallel_ffn import ExpertParallelFFN, expert_parameter_names
 from fairseq_thor.modules.routing import route_from_assignment
 
 NUM_EXPERTS = 4
 
 
-def scripted_experts(seq_len, batch_size):
+def scripted_experts(seq_len, batch_size, num_experts):
     """A fixed token-level assignment that uses every expert, shaped T x B."""
     t = torch.arange(seq_len).unsqueeze(1)
     b = torch.arange(batch_size).unsqueeze(0)
-    return (t + 3 * b) % NUM_EXPERTS
+    return (t + 3 * b) % num_experts
 
 
 def use_scripted_routing():
     """Both models route every layer call with ``scripted_experts`` instead of a random draw."""
     expert_layers.draw_balanced_experts = lambda mode, num_experts, seq_len, batch_size: (
-        scripted_experts(seq_len, batch_size))
+        scripted_experts(seq_len, batch_size, num_experts))
     expert_layers.make_route = lambda mode, num_experts, seq_len, batch_size, device, **kw: (
-        route_from_assignment(scripted_experts(seq_len, batch_size), num_experts, device))
+        route_from_assignment(scripted_experts(seq_len, batch_size, num_experts), num_experts, device))
 
 
 def loss_of(model, batch, seed):
@@ -40,16 +40,25 @@ def loss_of(model, batch, seed):
     return out, (out * weights).sum() + aux
 
 
-def batches(dictionary):
+def batches(dictionary, count=2):
     # different sentence counts and lengths per rank: the ranks exchange equal-sized blocks
-    # anyway; the second batch has left padding, which the baseline routers must skip
-    second = random_batch(dictionary, batch_size=2, src_len=7, tgt_len=6, seed=1)
-    second[0][0, :3] = dictionary.pad()
-    return [random_batch(dictionary, batch_size=3, src_len=5, tgt_len=4, seed=0), second]
+    # anyway; every second batch has left padding, which the baseline routers must skip
+    out = []
+    for r in range(count):
+        batch = random_batch(dictionary, batch_size=3 - r % 2, src_len=5 + 2 * (r % 2),
+                             tgt_len=4 + 2 * (r % 2), seed=r)
+        if r % 2:
+            batch[0][0, :3] = dictionary.pad()
+        out.append(batch)
+    return out
 
 
-def compare_with_one_process(rank, world_size, router):
-    extra = ["--num-experts", str(NUM_EXPERTS), "--expert-router", router]
+def groups_of(model):
+    return next(m for m in model.modules() if isinstance(m, ExpertParallelFFN)).groups
+
+
+def compare_with_one_process(rank, world_size, router, num_experts=NUM_EXPERTS):
+    extra = ["--num-experts", str(num_experts), "--expert-router", router]
     dictionary = make_dictionary()
     torch.manual_seed(0)
     local = build_model(extra=extra, dictionary=dictionary)
@@ -57,14 +66,17 @@ def compare_with_one_process(rank, world_size, router):
     sharded = build_model(extra=extra + ["--expert-parallel"], dictionary=dictionary)
     local_params = dict(local.named_parameters())
     sharded_params = dict(sharded.named_parameters())
-    per_rank = NUM_EXPERTS // world_size
+    groups = groups_of(sharded)
+    per_rank = num_experts // groups.num_shards
+    assert groups.num_shards == min(world_size, num_experts)
+    first = (rank % groups.num_shards) * per_rank  # replicas (W > E) hold the same experts
 
     # same seed -> the same model: shared weights equal, and this rank holds its slice of experts
     names = expert_parameter_names(sharded)
     assert len(names) == 2 * 4  # expert layers: encoder 0 and decoder 0; fc1/fc2 weight/bias
     for canonical, slices in names:
         for j, name in enumerate(slices):
-            torch.testing.assert_close(sharded_params[name], local_params[canonical][rank * per_rank + j])
+            torch.testing.assert_close(sharded_params[name], local_params[canonical][first + j])
     expert_names = {name for _, slices in names for name in slices}
     for name, p in sharded_params.items():
         assert hasattr(p, "expert") == (name in expert_names), name
@@ -72,50 +84,63 @@ def compare_with_one_process(rank, world_size, router):
             torch.testing.assert_close(p, local_params[name])
 
     # forward: each rank's batch gives the one-process output for that batch
-    data = batches(dictionary)
+    data = batches(dictionary, world_size)
     out, loss = loss_of(sharded, data[rank], seed=rank)
     expected, _ = loss_of(local, data[rank], seed=rank)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
-    # backward: shared gradients summed over ranks (what legacy_ddp does; the gates' included)
-    # and each rank's expert gradients equal the one-process gradient of the summed loss
+    # backward, then the gradients as fairseq's train step leaves them up to the factor
+    # W / sample_size: shared ones summed over ranks / W (legacy_ddp, gates included), experts'
+    # through the trainer's reduce_expert_gradients. Times W, both must be the one-process
+    # gradient of the summed loss.
     loss.backward()
     total = sum(loss_of(local, data[r], seed=r)[1] for r in range(world_size))
     total.backward()
+    reduce_expert_gradients(sharded.parameters(), groups)
     for name, p in sharded_params.items():
         if name not in expert_names:
-            dist.all_reduce(p.grad)
+            dist.all_reduce(p.grad.div_(world_size))
+        p.grad.mul_(world_size)
+        if name not in expert_names:
             torch.testing.assert_close(p.grad, local_params[name].grad, rtol=1e-4, atol=1e-5)
     for canonical, slices in names:
         for j, name in enumerate(slices):
             torch.testing.assert_close(sharded_params[name].grad,
-                                       local_params[canonical].grad[rank * per_rank + j],
+                                       local_params[canonical].grad[first + j],
                                        rtol=1e-4, atol=1e-5)
     return sharded, local
 
 
-def equivalence_body(rank, world_size):
+def equivalence_body(rank, world_size, num_experts):
     use_scripted_routing()  # THOR's random draws replaced by one fixed assignment in both
     for router in ("stochastic", "switch", "gshard", "hash"):
-        sharded, local = compare_with_one_process(rank, world_size, router)
+        sharded, local = compare_with_one_process(rank, world_size, router, num_experts)
 
-    # gradient clipping: the trainer's norm over shared parameters + all ranks' experts is the
+    # gradient clipping: the trainer's norm over shared parameters + every expert once is the
     # one-process norm, and clipping leaves every rank with the one-process gradients
     max_norm = 0.01
-    norm = fairseq_utils.clip_grad_norm_(list(sharded.parameters()), max_norm,
-                                         aggregate_norm_fn=with_all_experts(sharded.parameters(), None))
+    groups = groups_of(sharded)
+    norm = fairseq_utils.clip_grad_norm_(
+        list(sharded.parameters()), max_norm,
+        aggregate_norm_fn=with_all_experts(sharded.parameters(), groups.expert_group))
     expected = torch.nn.utils.clip_grad_norm_(list(local.parameters()), max_norm)
     torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
     local_params = dict(local.named_parameters())
+    first = groups.shard * (num_experts // groups.num_shards)
     for canonical, slices in expert_parameter_names(sharded):
         for j, name in enumerate(slices):
             torch.testing.assert_close(dict(sharded.named_parameters())[name].grad,
-                                       local_params[canonical].grad[rank * (NUM_EXPERTS // 2) + j],
+                                       local_params[canonical].grad[first + j],
                                        rtol=1e-4, atol=1e-7)
 
 
 def test_two_processes_match_one_process_for_every_router():
-    run_in_processes(equivalence_body, 2)
+    run_in_processes(equivalence_body, 2, NUM_EXPERTS)
+
+
+def test_four_processes_with_two_experts_match_one_process_for_every_router():
+    """W = 2E: two expert groups of two ranks, each expert on two replicas."""
+    run_in_processes(equivalence_body, 4, 2)
 
 
 def eval_capacity_body(rank, world_size):
@@ -169,7 +194,8 @@ def test_balanced_routing_runs_in_every_mode():
 
 
 def divisibility_body(rank, world_size):
-    with pytest.raises(ValueError, match=r"--num-experts \(3\) must be a multiple of the world size \(2\)"):
+    with pytest.raises(ValueError, match=r"--num-experts \(3\) to be a multiple or a divisor of the "
+                                         r"world size \(2\).*valid here: --num-experts 2, 4, 6"):
         build_model(extra=["--num-experts", "3", "--expert-parallel"])
     model = build_model(extra=["--num-experts", "2", "--expert-parallel"])
     for mode in ("mean", "merged"):

@@ -184,6 +184,53 @@ def test_stock_fairseq_train_refuses_to_save_a_sharded_model(sharded, tmp_path):
     assert not any(f.endswith(".pt") for f in os.listdir(tmp_path))
 
 
+# ---- more processes than experts: W = 4, E = 2 (two expert groups, each expert twice) ---------
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    """4 processes train 2 experts; resume on 4, then on 2 processes (W = E) from the same files."""
+    root = tmp_path_factory.mktemp("ep_groups")
+    data, ckpt = make_toy_data(root), root / "ckpt"
+    two = ["--num-experts", "2"]  # after MODEL's, so it wins
+    runs = {}
+    for world, updates in ((4, 4), (4, 6), (2, 8)):
+        codes, outs = train_in_processes("fairseq-thor-train", data, ckpt, *two,
+                                          "--max-update", str(updates), world_size=world)
+        assert codes == [0] * world, outs[0][-3000:]
+        runs[(world, updates)] = outs[0]
+        if updates == 4:
+            files = sorted(os.listdir(ckpt))
+    consolidated = root / "consolidated.pt"
+    run("fairseq-thor-consolidate", ckpt / "checkpoint_last", "--out", consolidated)
+    return {"data": data, "ckpt": ckpt, "files": files, "runs": runs, "consolidated": consolidated}
+
+
+def test_only_the_first_expert_group_saves_each_expert_once(replicated):
+    rank_files = sorted(f for f in replicated["files"] if f.startswith("checkpoint_last-"))
+    assert rank_files == ["checkpoint_last-rank-0.pt", "checkpoint_last-rank-1.pt",
+                          "checkpoint_last-shared.pt"]
+    rank1 = torch.load(replicated["ckpt"] / "checkpoint_last-rank-1.pt", weights_only=True)
+    assert rank1["expert_parallel"]["world_size"] == 2  # two shards, whatever W saved them
+    assert rank1["model"]["encoder.layers.0.fc1.weight"].shape == (1, 64, 32)
+
+
+def test_four_processes_resume_on_four_and_on_two(replicated):
+    runs = replicated["runs"]
+    assert re.search(r"Loaded checkpoint .* \(epoch \d+ @ 4 updates\)", runs[(4, 6)]), runs[(4, 6)][-2000:]
+    assert re.search(r"Loaded checkpoint .* \(epoch \d+ @ 6 updates\)", runs[(2, 8)]), runs[(2, 8)][-2000:]
+    assert "num_updates 8" in runs[(2, 8)]
+    losses = [epoch_losses(runs[key])[-1] for key in ((4, 4), (2, 8))]
+    assert losses[1] < losses[0], losses
+
+
+def test_the_consolidated_model_of_four_processes_decodes(replicated):
+    state = torch.load(replicated["consolidated"], weights_only=False)
+    assert state["model"]["encoder.layers.0.fc1.weight"].shape[0] == 2
+    hypotheses = generate(replicated["consolidated"], replicated["data"],
+                          "--inference-routing", "fixed", "--inference-expert", 1)
+    assert len(hypotheses) == 13
+
+
 # ---- faults: a resume from mixed saves, a failing rank, shared files of deleted saves ----------
 
 @pytest.fixture(scope="module")

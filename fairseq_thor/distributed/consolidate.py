@@ -5,9 +5,9 @@
 run can resume from: the optimizer state is consolidated too).
 
 ``fairseq-thor-reshard CKPT --world-size W --out PREFIX``: the same training state split for W
-expert-parallel processes (``PREFIX-rank-R.pt`` + ``PREFIX-shared.pt``); CKPT may be sharded or a
-one-process THOR checkpoint (then the optimizer starts afresh: its state is kept only when the
-parameter order is known from a sharded checkpoint).
+expert-parallel processes (``PREFIX-rank-R.pt`` for R < min(W, E), and ``PREFIX-shared.pt``); CKPT
+may be sharded or a one-process THOR checkpoint (then the optimizer starts afresh: its state is
+kept only when the parameter order is known from a sharded checkpoint).
 
 CKPT names any file of a sharded checkpoint (``checkpoint_last-rank-0.pt``, ``-shared.pt``) or its
 prefix (``checkpoints/checkpoint_last``).
@@ -93,7 +93,8 @@ def reshard_main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a sharded checkpoint (any file or prefix) or a one-process one")
     parser.add_argument("--world-size", type=int, required=True,
-                        help="number of expert-parallel processes to split for; must divide E")
+                        help="number of expert-parallel processes to split for: a divisor or a "
+                             "multiple of E (W > E writes E rank files, which every expert group reads)")
     parser.add_argument("--out", required=True,
                         help="prefix of the files to write, e.g. checkpoints4/checkpoint_last")
     args = parser.parse_args(argv)
@@ -113,5 +114,5 @@ def reshard_main(argv=None):
     for r, rank_state in enumerate(ranks):
         checkpoint_utils.torch_persistent_save(rank_state, shards.rank_path(prefix, r))
     checkpoint_utils.torch_persistent_save(shared, shards.shared_path(prefix))
-    print(f"wrote {shards.shared_path(prefix)} and {args.world_size} rank files "
-          f"({meta['num_experts'] // args.world_size} experts each)")
+    print(f"wrote {shards.shared_path(prefix)} and {len(ranks)} rank files "
+          f"({meta['num_experts'] // len(ranks)} experts each) for {args.world_size} processes")

@@ -3,8 +3,8 @@
 Naming follows fairseq's MoE branch: ``checkpoint_last-rank-0.pt``, ``checkpoint_last-rank-1.pt``,
 ... beside ``checkpoint_last-shared.pt``. Inside the files every tensor is named as in a
 one-process THOR model ("canonical" names): a rank file holds, for each expert bank
-(``<layer>.fc1.weight``, E x F x C in one process), the E/W experts of that rank, stacked in expert
-order. Optimizer state is split the same way and keyed by parameter name rather than by position,
+(``<layer>.fc1.weight``, E x F x C in one process), the E/S experts of that shard (S = min(W, E)
+files, written by the first expert group: ``modules/expert_groups.py``), stacked in expert order. Optimizer state is split the same way and keyed by parameter name rather than by position,
 because the position of a parameter depends on how many experts each process holds. So any
 world size can read what any other wrote: consolidating is concatenation, resharding is splitting.
 
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import checkpoint_files
 from ..errors import ThorError
+from ..modules import expert_groups
 
 ExpertNames = Sequence[Tuple[str, List[str]]]  # (canonical name, its per-expert names here)
 
@@ -251,24 +252,26 @@ def consolidate(shared: dict, ranks: Sequence[dict]) -> dict:
 
 def shard(full: dict, meta: dict, world_size: int, fingerprint: str,
           shared_file: str) -> Tuple[dict, List[dict]]:
-    """Split a consolidated checkpoint for ``world_size`` processes (files as training saves them).
+    """Split a consolidated checkpoint for ``world_size`` processes (files as training saves them:
+    min(world_size, E) rank files, see ``modules/expert_groups.py``).
 
     ``meta`` is the ``expert_parallel`` entry of a shared file (tensor names, parameter order).
     """
-    num_experts = meta["num_experts"]
-    if num_experts % world_size != 0:
-        raise ThorError(f"--world-size {world_size} must divide the number of experts ({num_experts})")
+    try:
+        files = expert_groups.num_shards(meta["num_experts"], world_size)
+    except ValueError as e:
+        raise ThorError(str(e).replace("the world size", "--world-size")) from None
     experts = meta["expert_tensors"]
-    new_meta = {**meta, "world_size": world_size, "fingerprint": fingerprint, "shared_file": shared_file}
+    new_meta = {**meta, "world_size": files, "fingerprint": fingerprint, "shared_file": shared_file}
     shared = {k: v for k, v in full.items() if k not in ("model", "last_optimizer_state")}
     shared["model"] = {k: v for k, v in full["model"].items() if k not in experts}
     shared["expert_parallel"] = new_meta
     ranks = [{"expert_parallel": {**{k: new_meta[k] for k in ("world_size", "num_experts",
                                                                 "fingerprint", "shared_file")},
                                   "rank": r},
-              "model": {}} for r in range(world_size)]
+              "model": {}} for r in range(files)]
     for k in experts:
-        for r, piece in enumerate(_split(full["model"][k], world_size)):
+        for r, piece in enumerate(_split(full["model"][k], files)):
             ranks[r]["model"][k] = piece
     optimizer = full.get("last_optimizer_state")
     if optimizer is not None:
@@ -277,7 +280,7 @@ def shard(full: dict, meta: dict, world_size: int, fingerprint: str,
             r["optimizer_state"] = {}
         for k in experts:
             if k in named["state"]:
-                for r, piece in enumerate(_split(named["state"].pop(k), world_size)):
+                for r, piece in enumerate(_split(named["state"].pop(k), files)):
                     ranks[r]["optimizer_state"][k] = piece
         shared["last_optimizer_state"] = named
     return shared, ranks
@@ -285,8 +288,7 @@ def shard(full: dict, meta: dict, world_size: int, fingerprint: str,
 
 # ---- keeping shared files in step with fairseq's deletion of old rank files -------------------
 
-_UPDATE_SAVE = re.compile(r"^checkpoint_\d+_(\d+)(-rank-\d+|-shared)?\.pt$")
-_EPOCH_SAVE = re.compile(r"^checkpoint(\d+)(-rank-\d+|-shared)?\.pt$")
+_UPDATE_SAVE, _EPOCH_SAVE = checkpoint_files.UPDATE_SAVE, checkpoint_files.EPOCH_SAVE
 
 
 def _numbered_shared(directory: str, pattern) -> List[Tuple[int, str]]:
@@ -350,51 +352,49 @@ def save_summary(path: str, rank_state: Optional[dict], problem: Optional[str]) 
             "updates": history[-1].get("num_updates"), "problem": problem}
 
 
-_NUMBERED_RANK_0 = re.compile(r"^checkpoint(\d+|_\d+_(\d+))-rank-0\.pt$")
-
-
-def newest_complete_save(directory: str, world_size: int) -> Optional[str]:
-    """The newest numbered save in ``directory`` with a shared file and all ``world_size`` rank
+def newest_complete_save(directory: str, num_shards: int) -> Optional[str]:
+    """The newest numbered save in ``directory`` with a shared file and all ``num_shards`` rank
     files (by name: the files are not read), as the path to give ``--restore-file``."""
     complete = []
     for name in os.listdir(directory):
-        match = _NUMBERED_RANK_0.match(name)
-        if match is None:
+        if not (name.endswith("-rank-0.pt") and checkpoint_files.is_numbered(name)):
             continue
         prefix = os.path.join(directory, name[: -len("-rank-0.pt")])
         if all(os.path.isfile(p) for p in [shared_path(prefix)] +
-               [rank_path(prefix, r) for r in range(world_size)]):
+               [rank_path(prefix, r) for r in range(num_shards)]):
             complete.append((os.path.getmtime(rank_path(prefix, 0)), prefix + ".pt"))
     return max(complete)[1] if complete else None
 
 
-def check_ranks_agree(prefix: str, saved: List[Optional[dict]], world_size: int):
+def check_ranks_agree(prefix: str, saved: List[Optional[dict]], num_shards: int):
     """Refuse, identically on every rank, to resume from files that are not one save for this
-    world size; ``saved`` holds every rank's :func:`save_summary`."""
+    run; ``saved`` holds every rank's :func:`save_summary` (rank r read shard r mod
+    ``num_shards``: ranks past the first expert group read the same files as their replicas)."""
     problems = [f"rank {r}: {s['problem']}" for r, s in enumerate(saved) if s and s["problem"]]
     if problems:
         raise ThorError(f"cannot resume from {prefix}: {'; '.join(problems)}")
-    missing = [rank_path(prefix, r) for r, s in enumerate(saved) if s is None]
+    missing = sorted({rank_path(prefix, r % num_shards) for r, s in enumerate(saved) if s is None})
     if missing:
         raise ThorError(f"cannot resume from {prefix}: {', '.join(missing)} missing; every rank "
-                        f"needs its file ({_resume_hint(prefix, world_size)})")
-    saved_world = saved[0]["world_size"]
-    if any(s["world_size"] != world_size for s in saved):
+                        f"needs its file ({_resume_hint(prefix, num_shards)})")
+    saved_shards = saved[0]["world_size"]
+    if any(s["world_size"] != num_shards for s in saved):
         raise ThorError(
-            f"{prefix} was saved by {saved_world} expert-parallel ranks, this run has {world_size}; "
-            f"reshard it first: fairseq-thor-reshard {rank_path(prefix, 0)} "
-            f"--world-size {world_size} --out <new prefix>"
+            f"{prefix} was saved by {saved_shards} expert-parallel ranks, this run has "
+            f"{num_shards} (min of world size and --num-experts); reshard it first: "
+            f"fairseq-thor-reshard {rank_path(prefix, 0)} --world-size {num_shards} "
+            f"--out <new prefix>"
         )
     if len({s["fingerprint"] for s in saved}) > 1:
-        listing = ", ".join(f"{s['file']} (update {s['updates']})" for s in saved)
+        listing = ", ".join(sorted({f"{s['file']} (update {s['updates']})" for s in saved}))
         raise ThorError(
             f"the ranks' files come from different saves: {listing}; an interrupted save leaves "
-            f"this, and training on would mix two models ({_resume_hint(prefix, world_size)})"
+            f"this, and training on would mix two models ({_resume_hint(prefix, num_shards)})"
         )
 
 
-def _resume_hint(prefix: str, world_size: int) -> str:
-    complete = newest_complete_save(os.path.dirname(os.path.abspath(prefix)), world_size)
+def _resume_hint(prefix: str, num_shards: int) -> str:
+    complete = newest_complete_save(os.path.dirname(os.path.abspath(prefix)), num_shards)
     if complete is None:
         return "no complete numbered save is beside it: restore the missing files or train afresh"
     return f"resume every rank from one save, e.g. with --restore-file {complete}"

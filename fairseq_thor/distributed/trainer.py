@@ -2,9 +2,15 @@
 
 Stock fairseq saves a checkpoint from rank 0 only and broadcasts it on load: with experts sharded
 over ranks that would keep rank 0's experts and lose the others. Under ``--expert-parallel`` this
-trainer has every rank save its experts (``checkpoint_X-rank-R.pt``) and rank 0 the rest
-(``checkpoint_X-shared.pt``), and every rank load its own pair. Gradient clipping uses the norm over
-*all* experts of all ranks plus the shared parameters, so every rank computes the same clipping
+trainer has every rank of the first expert group save its experts (``checkpoint_X-rank-R.pt``) and
+rank 0 the rest (``checkpoint_X-shared.pt``), and every rank load its own pair (rank r reads shard
+r mod S; see ``modules/expert_groups.py``).
+
+Expert gradients are brought to the scale of the shared ones: legacy_ddp divides the shared
+gradients by W and sums them, and fairseq then multiplies everything by W / sample_size. An
+expert's gradient already holds every token of its expert group (the all-to-all carries them
+back), so it is divided by W too and summed over its replicas (W > E). Gradient clipping uses the
+norm over every expert once plus the shared parameters, so every rank computes the same clipping
 factor (fairseq's own clipping leaves experts out of the norm) and the trainer's cross-rank
 consistency check holds. Without ``--expert-parallel`` it is fairseq's Trainer unchanged.
 """
@@ -23,6 +29,7 @@ from omegaconf import open_dict
 
 from ..errors import ThorError
 from . import sharded_checkpoint as shards
+from ..modules.expert_groups import ExpertGroups, expert_groups
 from ..modules.expert_parallel_ffn import expert_parameter_names
 
 logger = logging.getLogger(__name__)
@@ -66,16 +73,22 @@ class ExpertParallelTrainer(Trainer):
             model.sharded_checkpoints = True  # see ThorTransformerModel.state_dict
         super().__init__(cfg, task, model, criterion, quantizer)
 
+    @property
+    def expert_groups(self) -> ExpertGroups:
+        return expert_groups(self.cfg.model.num_experts)  # made with the model; reused here
+
     # ---- file names -------------------------------------------------------------------------
 
     @property
     def checkpoint_suffix(self) -> str:
         suffix = super().checkpoint_suffix
-        return f"{suffix}-rank-{self.data_parallel_rank}" if self.expert_parallel else suffix
+        return f"{suffix}-rank-{self.expert_groups.shard}" if self.expert_parallel else suffix
 
     @property
     def should_save_checkpoint_on_current_rank(self) -> bool:
-        return True if self.expert_parallel else super().should_save_checkpoint_on_current_rank
+        if self.expert_parallel:
+            return self.expert_groups.writes_rank_file
+        return super().should_save_checkpoint_on_current_rank
 
     # ---- save / load ------------------------------------------------------------------------
 
@@ -90,14 +103,17 @@ class ExpertParallelTrainer(Trainer):
             return super().save_checkpoint(filename, extra_state)
         state = utils.move_to_cpu(self.state_dict())
         state["extra_state"].update(extra_state)
-        # one token for all files of this save, so a mixed set is detected at load time
+        # one token for all files of this save, so a mixed set is detected at load time; only
+        # the first expert group saves (should_save_checkpoint_on_current_rank)
+        groups = self.expert_groups
         token = [uuid.uuid4().hex]
-        dist.broadcast_object_list(token, src=0, group=self.data_parallel_process_group)
-        rank, world = self.data_parallel_rank, self.data_parallel_world_size
+        dist.broadcast_object_list(token, src=0, group=groups.expert_group)
+        rank = groups.shard
         prefix = shards.checkpoint_prefix(filename)
         rank_state, shared = shards.split_for_rank(
-            state, self._param_names(), expert_parameter_names(self._model), rank, world,
-            self.cfg.model.num_experts, token[0], os.path.basename(shards.shared_path(prefix)))
+            state, self._param_names(), expert_parameter_names(self._model), rank,
+            groups.num_shards, self.cfg.model.num_experts, token[0],
+            os.path.basename(shards.shared_path(prefix)))
         logger.info(f"Saving rank {rank}'s experts to {os.path.abspath(filename)}")
         checkpoint_utils.torch_persistent_save(rank_state, filename)  # written atomically
         if shared is not None:
@@ -129,7 +145,7 @@ class ExpertParallelTrainer(Trainer):
         if not self.expert_parallel:
             return super().load_checkpoint(filename, reset_optimizer, reset_lr_scheduler,
                                            optimizer_overrides, reset_meters)
-        rank, world = self.data_parallel_rank, self.data_parallel_world_size
+        rank, shards_here = self.expert_groups.shard, self.expert_groups.num_shards
         prefix = shards.checkpoint_prefix(filename)
         own = shards.rank_path(prefix, rank)
         # Every rank reads its files, then all ranks compare what they read before any of them
@@ -139,28 +155,30 @@ class ExpertParallelTrainer(Trainer):
         try:
             if os.path.isfile(own):
                 rank_state = shards.load(own)
-                if rank_state.get("expert_parallel", {}).get("world_size") == world:
+                if rank_state.get("expert_parallel", {}).get("world_size") == shards_here:
                     shared = shards.shared_for(prefix, rank_state)
                     shards.check_shard(shared, rank_state, rank, prefix)
         except (ThorError, OSError) as e:
             problem = str(e)
-        saved = [None] * world
+        saved = [None] * self.data_parallel_world_size
         dist.all_gather_object(saved, shards.save_summary(own, rank_state, problem),
                                group=self.data_parallel_process_group)
         if all(s is None for s in saved):
             if os.path.isfile(filename) and not os.path.isfile(shards.shared_path(prefix)):
                 raise ThorError(
                     f"{filename} is a one-process checkpoint; split it for expert parallelism "
-                    f"with: fairseq-thor-reshard {filename} --world-size {world} --out <prefix>"
+                    f"with: fairseq-thor-reshard {filename} --world-size "
+                    f"{self.data_parallel_world_size} --out <prefix>"
                 )
             return super().load_checkpoint(own, reset_optimizer, reset_lr_scheduler,
                                            optimizer_overrides, reset_meters)
-        shards.check_ranks_agree(prefix, saved, world)
+        shards.check_ranks_agree(prefix, saved, shards_here)
         state = shards.merge_for_rank(shared, rank_state, self._param_names(),
                                       expert_parameter_names(self._model))
         # fairseq's loader reads a file: hand it this rank's merged state as one
         directory = os.path.dirname(os.path.abspath(filename))
-        with tempfile.NamedTemporaryFile(dir=directory, suffix=f".rank{rank}.pt", delete=False) as f:
+        suffix = f".rank{self.data_parallel_rank}.pt"  # replicas read the same shard
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=suffix, delete=False) as f:
             torch.save(state, f)
         try:
             return super().load_checkpoint(f.name, reset_optimizer, reset_lr_scheduler,
@@ -173,15 +191,30 @@ class ExpertParallelTrainer(Trainer):
     def clip_grad_norm(self, clip_norm):
         if not self.expert_parallel:
             return super().clip_grad_norm(clip_norm)
+        # fairseq's train_step calls this after all_reduce_grads and multiply_grads and before
+        # the step, whatever --clip-norm is: the one place to finish the expert gradients. The
+        # model's gradients: the fp16 ones under --fp16-no-flatten-grads, copied to fp32 below.
+        reduce_expert_gradients(self.model.parameters(), self.expert_groups)
         # the optimizer's params: fp32 copies under --fp16-no-flatten-grads, still tagged
-        add_experts = with_all_experts(list(self.optimizer.params), self.data_parallel_process_group)
+        add_experts = with_all_experts(list(self.optimizer.params), self.expert_groups.expert_group)
         return self.optimizer.clip_grad_norm(clip_norm, aggregate_norm_fn=add_experts)
+
+
+def reduce_expert_gradients(params, groups: ExpertGroups):
+    """Give expert gradients the scale legacy_ddp gives the shared ones (module docstring):
+    divided by the world size, summed over the replicas of the expert (W > E)."""
+    for p in params:
+        if getattr(p, "expert", False) and p.grad is not None:
+            p.grad.div_(groups.world_size)  # before the sum, as legacy_ddp, for fp16's range
+            if groups.replica_group is not None:
+                dist.all_reduce(p.grad, group=groups.replica_group)
 
 
 def with_all_experts(params, group):
     """``aggregate_norm_fn`` for fairseq's ``clip_grad_norm_``, which measures only the shared
-    (untagged) parameters: add the gradients of every rank's experts, so the norm is the one
-    a single process holding all experts would compute, identical on every rank."""
+    (untagged) parameters: add the gradients of every expert of the expert group ``group`` (all
+    experts once: replicas in other groups hold the same), so the norm is the one a single
+    process holding all experts would compute, identical on every rank."""
 
     def aggregate(shared_norm: torch.Tensor) -> torch.Tensor:
         expert_sq = torch.zeros((), dtype=torch.float32, device=shared_norm.device)

@@ -1,7 +1,8 @@
 """Expert parallelism: the experts of a THOR FFN spread over processes and reached through fairscale.
 
 With W processes and E experts every process holds E/W experts of each expert layer
-(``ExpertFFN`` modules); the rest of the model is replicated and trained data-parallel. fairscale's
+(``ExpertFFN`` modules), or, when W = k*E, one expert that k processes hold (``expert_groups``);
+the rest of the model is replicated and trained data-parallel. fairscale's
 ``MOELayer`` moves the inputs (GShard, Lepikhin et al. 2020, Algorithm 2): the gate gives every row
 an expert and a slot, an all-to-all sends each row to the process holding its expert, the local
 experts run, and a second all-to-all brings the results home.
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
+from .expert_groups import expert_groups
 from .experts import ExpertLinear
 from .gate_decision import (
     GateDecision,
@@ -133,37 +135,26 @@ class ExpertParallelFFN(nn.Module):
     It sits in the layer's ``fc1`` slot; the layer's own activation, activation dropout and
     ``fc2`` become identities, because the experts apply them on their own processes.
     ``fc1`` / ``fc2`` arrive holding all E experts (so initialisation matches a one-process model
-    with the same seed); this process keeps experts ``rank * E/W .. (rank + 1) * E/W - 1``.
+    with the same seed); this process keeps the E/S experts of its shard (``expert_groups``:
+    S = min(W, E) ranks per expert group, shard = rank mod S).
     """
 
     def __init__(self, fc1: ExpertLinear, fc2: ExpertLinear, activation_fn: Callable,
-                 activation_dropout: nn.Module, group=None):
+                 activation_dropout: nn.Module):
         super().__init__()
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError(
-                "--expert-parallel needs a distributed run: launch one process per rank with "
-                "--distributed-world-size W > 1 (see the README's expert parallelism section)"
-            )
-        group = group if group is not None else dist.group.WORLD
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
         num_experts = fc1.num_experts
-        if num_experts % world != 0:
-            raise ValueError(
-                f"--expert-parallel puts --num-experts / world size experts on each process, so "
-                f"--num-experts ({num_experts}) must be a multiple of the world size ({world}); "
-                f"valid: --num-experts {world}, {2 * world}, ... (replicating experts when the "
-                f"world size exceeds --num-experts is not supported)"
-            )
-        self.num_experts, self.world_size, self.rank = num_experts, world, rank
-        self.num_local = num_experts // world
-        first = rank * self.num_local
+        self.groups = expert_groups(num_experts)
+        self.num_experts = num_experts
+        self.num_local = num_experts // self.groups.num_shards
+        first = self.groups.shard * self.num_local
         local = nn.ModuleList(
             ExpertFFN(fc1, fc2, e, activation_fn, activation_dropout)
             for e in range(first, first + self.num_local)
         )
         # MOELayer tags every expert parameter with `expert = True`: fairseq's legacy_ddp then
-        # leaves their gradients alone (each process owns different experts).
-        self.moe = IndexDispatchMoE(DecisionGate(num_experts, group), local, group)
+        # leaves their gradients alone (the trainer reduces them over the replica group)
+        self.moe = IndexDispatchMoE(DecisionGate(num_experts, self.groups.expert_group), local,
+                                    self.groups.expert_group)
         self.decide: Optional[Callable[[Tensor], GateDecision]] = None
 
     def forward(self, x: Tensor) -> Tensor:  # T x B x C
@@ -171,8 +162,9 @@ class ExpertParallelFFN(nn.Module):
             raise RuntimeError("ExpertParallelFFN was called outside its layer's routing context")
         rows = x.reshape(-1, x.size(-1))  # exchanged in its own dtype (fp16/bf16 stay half)
         decision = self.decide(rows)
-        # MOELayer wants an (s, t, m) input whose s is a multiple of the local expert count:
-        # feed it S x 1 x C rows, padded with rows that go nowhere (expert -1)
+        # fairscale's own MOELayer.forward (benchmarks/expert_parallel.py --dispatch einsum)
+        # wants an (s, t, m) input whose s is a multiple of the local expert count: feed it
+        # S x 1 x C rows, padded with rows that go nowhere (expert -1)
         pad = -rows.size(0) % self.num_local
         if pad:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.size(1))])
@@ -199,9 +191,9 @@ def expert_parameter_names(model: nn.Module) -> List[Tuple[str, List[str]]]:
     """For every expert tensor of a one-process THOR model, the names of its slices here.
 
     A one-process layer keeps a whole bank of E experts per tensor (``<layer>.fc1.weight``:
-    E x F x C). An expert-parallel process keeps E/W of them, one ``nn.Linear`` each:
-    ``<layer>.fc1.moe.experts.<j>.fc1.weight`` holds expert ``rank * E/W + j``. Every other
-    parameter has the same name in both.
+    E x F x C). An expert-parallel process keeps E/S of them, one ``nn.Linear`` each:
+    ``<layer>.fc1.moe.experts.<j>.fc1.weight`` holds expert ``shard * E/S + j`` (see
+    ``expert_groups``). Every other parameter has the same name in both.
     """
     names = []
     for name, module in model.named_modules():
