@@ -257,10 +257,12 @@ def shard(full: dict, meta: dict, world_size: int, fingerprint: str,
 
     ``meta`` is the ``expert_parallel`` entry of a shared file (tensor names, parameter order).
     """
-    try:
-        files = expert_groups.num_shards(meta["num_experts"], world_size)
-    except ValueError as e:
-        raise ThorError(str(e).replace("the world size", "--world-size")) from None
+    num_experts = meta["num_experts"]
+    if num_experts % world_size and world_size % num_experts:
+        valid = [w for w in range(1, num_experts + 1) if num_experts % w == 0] + [2 * num_experts]
+        raise ThorError(f"--world-size {world_size} must be a divisor or a multiple of the "
+                        f"checkpoint's {num_experts} experts: {', '.join(map(str, valid))}, ...")
+    files = expert_groups.num_shards(num_experts, world_size)
     experts = meta["expert_tensors"]
     new_meta = {**meta, "world_size": files, "fingerprint": fingerprint, "shared_file": shared_file}
     shared = {k: v for k, v in full.items() if k not in ("model", "last_optimizer_state")}
