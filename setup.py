@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     license_files=["LICENSE"],
-    classifiers=["License :: OSI Approved :: MIT License", "Programming Language :: Python :: 3"],
+    classifiers=["Programming Language :: Python :: 3"],  # the license: SPDX "MIT" above
     packages=find_packages(include=["fairseq_thor", "fairseq_thor.*"]),
     python_requires=">=3.8",
     install_requires=[

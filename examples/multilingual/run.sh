@@ -3,7 +3,7 @@
 # corpus (X<->en, and X<->Y through English) -> one joint sentencepiece model -> one data-bin with a
 # joined dictionary -> fairseq-train THOR (and a dense transformer of the same active size) ->
 # fairseq-generate on every direction's test split -> a sacreBLEU table (directions x models).
-# Every knob is an environment variable; the defaults take about 50 minutes on 2 CPU cores (README.md):
+# Every knob is an environment variable; the defaults take about 34 minutes on 2 CPU cores (README.md):
 set -euo pipefail
 export PYTHONUNBUFFERED=1  # show fairseq's progress as it happens, not when a pipe buffer fills
 cd "$(dirname "$0")/../.."
