@@ -18,7 +18,7 @@ training time), rebuilt after every cell (and by --report-only) from whatever ce
     python benchmarks/quality.py --device cuda --fp16  # the same study on a GPU
     python benchmarks/quality.py --toy --data TOY_BIN  # a tiny model for ~10 updates (tests)
 
-Default plan (--plan): seeds 1-3 for dense, rdrop, thor2 and switch, seed 1 for thor4 and hash,
+Default plan (--plan): seeds 1-3 for dense, rdrop, thor2, switch and hash, seed 1 for thor4,
 run seed by seed with dense first; --models picks some, --seeds gives every model the same seeds.
 Recipe (each a flag): make demo's, which was chosen by measurement (examples/demo/README.md):
 3+3 pre-norm layers, d=256, FFN 512, 4 heads, shared embeddings, 8k joint sentencepiece, Adam
@@ -51,7 +51,7 @@ import quality_report  # noqa: E402
 from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data_problem  # noqa: E402
 from quality_cells import MODELS, cell_path, host_info, read_cell, recipe, recipe_change, run_cell  # noqa: E402
 
-PLAN = "dense:3,rdrop:3,thor2:3,switch:3,thor4:1,hash:1"  # model:seeds (1..n)
+PLAN = "dense:3,rdrop:3,thor2:3,switch:3,thor4:1,hash:3"  # model:seeds (1..n)
 # make demo's recipe (examples/demo/README.md: chosen by measurement), run to 1,000 updates
 DEFAULTS = dict(layers=3, embed_dim=256, ffn_dim=512, heads=4, max_update=1000, save_every=50,
                 max_tokens=2048, warmup=200, vocab=8000, threads=None)

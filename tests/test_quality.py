@@ -126,7 +126,7 @@ def test_plan_runs_seed_by_seed_with_dense_first():
     assert args.cells == [("dense", 3), ("thor4", 3), ("dense", 5), ("thor4", 5)]
     default = quality.parse_args([]).cells
     assert {m: sum(1 for c in default if c[0] == m) for m in quality.MODELS} == {
-        "dense": 3, "rdrop": 3, "thor2": 3, "thor4": 1, "switch": 3, "hash": 1}
+        "dense": 3, "rdrop": 3, "thor2": 3, "thor4": 1, "switch": 3, "hash": 3}
 
 
 def test_train_time_per_update_sums_train_inner_train_wall():
