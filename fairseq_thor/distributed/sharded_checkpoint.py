@@ -4,7 +4,8 @@ Naming follows fairseq's MoE branch: ``checkpoint_last-rank-0.pt``, ``checkpoint
 ... beside ``checkpoint_last-shared.pt``. Inside the files every tensor is named as in a
 one-process THOR model ("canonical" names): a rank file holds, for each expert bank
 (``<layer>.fc1.weight``, E x F x C in one process), the E/S experts of that shard (S = min(W, E)
-files, written by the first expert group: ``modules/expert_groups.py``), stacked in expert order. Optimizer state is split the same way and keyed by parameter name rather than by position,
+files, written by the first expert group: ``modules/expert_groups.py``), stacked in expert order.
+Optimizer state is split the same way and keyed by parameter name rather than by position,
 because the position of a parameter depends on how many experts each process holds. So any
 world size can read what any other wrote: consolidating is concatenation, resharding is splitting.
 
@@ -258,7 +259,7 @@ def shard(full: dict, meta: dict, world_size: int, fingerprint: str,
     ``meta`` is the ``expert_parallel`` entry of a shared file (tensor names, parameter order).
     """
     num_experts = meta["num_experts"]
-    if num_experts % world_size and world_size % num_experts:
+    if not expert_groups.compatible(num_experts, world_size):
         valid = [w for w in range(1, num_experts + 1) if num_experts % w == 0] + [2 * num_experts]
         raise ThorError(f"--world-size {world_size} must be a divisor or a multiple of the "
                         f"checkpoint's {num_experts} experts: {', '.join(map(str, valid))}, ...")
@@ -290,7 +291,6 @@ def shard(full: dict, meta: dict, world_size: int, fingerprint: str,
 
 # ---- keeping shared files in step with fairseq's deletion of old rank files -------------------
 
-_UPDATE_SAVE, _EPOCH_SAVE = checkpoint_files.UPDATE_SAVE, checkpoint_files.EPOCH_SAVE
 
 
 def _numbered_shared(directory: str, pattern) -> List[Tuple[int, str]]:
@@ -328,17 +328,19 @@ def shared_files_to_remove(directory: str, saving: str, keep_interval_updates: i
     shared files; a numbered shared file whose rank-0 file is already gone goes too. A shared file
     that a copied rank file (checkpoint_best, ...) still needs is kept."""
     remove = set()
-    for pattern in (_UPDATE_SAVE, _EPOCH_SAVE):
+    for pattern in (checkpoint_files.UPDATE_SAVE, checkpoint_files.EPOCH_SAVE):
         for _, path in _numbered_shared(directory, pattern):
             if not os.path.isfile(rank_path(path[: -len("-shared.pt")], 0)):
                 remove.add(path)
     name = os.path.basename(saving)
-    if keep_interval_updates > 0 and _UPDATE_SAVE.match(name):  # fairseq's mid-epoch rule
-        saves = [(n, p) for n, p in _numbered_shared(directory, _UPDATE_SAVE)
+    # fairseq's mid-epoch rule
+    if keep_interval_updates > 0 and checkpoint_files.UPDATE_SAVE.match(name):
+        saves = [(n, p) for n, p in _numbered_shared(directory, checkpoint_files.UPDATE_SAVE)
                  if keep_interval_updates_pattern <= 0 or n % keep_interval_updates_pattern != 0]
         remove.update(p for _, p in saves[keep_interval_updates:])
-    if keep_last_epochs > 0 and _EPOCH_SAVE.match(name):
-        remove.update(p for _, p in _numbered_shared(directory, _EPOCH_SAVE)[keep_last_epochs:])
+    if keep_last_epochs > 0 and checkpoint_files.EPOCH_SAVE.match(name):
+        epochs = _numbered_shared(directory, checkpoint_files.EPOCH_SAVE)
+        remove.update(p for _, p in epochs[keep_last_epochs:])
     return sorted(remove - referenced_shared_files(directory))
 
 

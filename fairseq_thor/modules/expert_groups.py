@@ -41,8 +41,13 @@ class ExpertGroups:
         return self.rank < self.num_shards
 
 
+def compatible(num_experts: int, world_size: int) -> bool:
+    """Expert parallelism needs W to divide E (E/W experts each) or E to divide W (replicas)."""
+    return num_experts % world_size == 0 or world_size % num_experts == 0
+
+
 def check_world_size(num_experts: int, world_size: int):
-    if num_experts % world_size != 0 and world_size % num_experts != 0:
+    if not compatible(num_experts, world_size):
         raise ValueError(
             f"--expert-parallel needs --num-experts ({num_experts}) to be a multiple or a divisor "
             f"of the world size ({world_size}): with W <= E each process holds E/W experts, with "
