@@ -188,3 +188,34 @@ def test_the_largest_expert_share_of_the_draws_is_logged(dictionary, routing):
     with torch.no_grad():
         model(**make_sample(dictionary)["net_input"])
     assert all(getattr(m, "draw_counts", None) is None for m in model.modules())  # evaluation: not counted
+
+
+# ---- the loss from logits (modules/two_pass_loss) and from log-probabilities agree -------------
+
+@pytest.mark.parametrize("reduce,prefix", [(True, 0), (False, 0), (True, 1)])
+def test_loss_from_logits_equals_the_loss_from_log_probabilities(dictionary, monkeypatch, reduce, prefix):
+    """Same draws, two ways to the loss: the criterion's own (from the logits in one piece) and
+    the log-probability path it keeps for other models; loss, logged terms and every gradient."""
+    torch.manual_seed(0)
+    model = build_model("thor_transformer", ["--num-experts", "4", "--expert-routing", "token"],
+                        dictionary=dictionary).train()
+    sample = make_sample(dictionary)
+    crit = ThorConsistencyCriterion(DictTask(dictionary), sentence_avg=False, label_smoothing=0.1,
+                                    consistency_alpha=2.5, ignore_prefix_size=prefix)
+    results = []
+    for from_logits in (True, False):
+        monkeypatch.setattr("fairseq_thor.criterions.thor_consistency.log_probs_are_log_softmax",
+                            lambda model, v=from_logits: v)
+        model.zero_grad()
+        torch.manual_seed(7)
+        loss, _, log = crit(model, sample, reduce=reduce)
+        loss.sum().backward()
+        results.append((loss, log, [p.grad.clone() for p in model.parameters()]))
+    (loss_a, log_a, grads_a), (loss_b, log_b, grads_b) = results
+    assert loss_a.shape == loss_b.shape
+    torch.testing.assert_close(loss_a, loss_b)
+    for key in ("nll_loss", "consistency"):
+        torch.testing.assert_close(log_a[key], log_b[key])
+    assert log_a["consistency"].sum() > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b)

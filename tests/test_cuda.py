@@ -16,6 +16,7 @@ import torch
 
 from conftest import build_model, make_dictionary
 from fairseq_thor.modules.consistency import symmetric_kl
+from fairseq_thor.modules.two_pass_loss import two_pass_losses
 from test_criterion import criterion, make_sample
 
 DEVICE = os.environ.get("FAIRSEQ_THOR_TEST_DEVICE", "cuda")
@@ -104,6 +105,32 @@ def test_symmetric_kl_gives_the_cpu_value_and_gradient(dtype):
     assert_near(actual, expected, dtype, "symmetric KL")
     for got, want in zip(gpu, cpu):
         assert_near(got.grad, want.grad, dtype, "symmetric KL gradient", DIFFERENCE_TOLERANCE)
+
+
+@PRECISIONS
+def test_two_pass_loss_gives_the_cpu_terms_and_logit_gradients(dtype):
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(6, 50, generator=g).mul(3) for _ in range(2))
+    target = torch.randint(2, 50, (6,), generator=g)
+    target[[2, 5]] = 1  # padding
+    weights = torch.rand(5, 6, generator=g)  # a different weight on each term and row
+
+    def run(logits, tgt):
+        terms = two_pass_losses(*logits, tgt, padding_idx=1)
+        sum((w.to(t.device) * t).sum() for w, t in zip(weights, terms)).backward()
+        return terms
+
+    cpu = [z.clone().requires_grad_() for z in (z1, z2)]
+    expected = run(cpu, target)
+    gpu = [z.to(DEVICE, dtype).requires_grad_() for z in (z1, z2)]
+    actual = run(gpu, target.to(DEVICE))
+    for name, got, want in zip(expected._fields, actual, expected):
+        assert got.dtype == torch.float32  # half-precision logits give fp32 terms
+        assert_near(got, want, dtype, f"two-pass loss {name}",
+                    DIFFERENCE_TOLERANCE if name == "kl" else TOLERANCE)
+    for got, want in zip(gpu, cpu):
+        assert got.grad.dtype == dtype
+        assert_near(got.grad, want.grad, dtype, "two-pass loss logit gradient", DIFFERENCE_TOLERANCE)
 
 
 @PRECISIONS

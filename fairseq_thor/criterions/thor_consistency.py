@@ -10,6 +10,10 @@ task's ``train_step``, not to the criterion, so the ramp needs a THOR task, whic
 (``set_num_updates``).
 
 ``--fuse-passes`` computes the two passes as one forward over the batch stacked with itself.
+
+The loss is computed from the two passes' logits in one piece (modules/two_pass_loss: a few
+vocabulary-sized tensors where the autograd composition makes about twenty); models whose
+log-probabilities are not a log-softmax of their output (adaptive softmax) take the composed path.
 """
 import math
 from dataclasses import dataclass, field
@@ -25,6 +29,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 
 from ..errors import ThorError
 from ..modules.consistency import symmetric_kl
+from ..modules.two_pass_loss import label_smoothed, log_probs_are_log_softmax, two_pass_losses
 from ..shared_flags import CONSISTENCY_ALPHA_HELP, DEFAULT_CONSISTENCY_ALPHA, add_dataclass_args_once
 from .router_stats import collect_decisions, draw_balance_log, reduce_draw_balance
 
@@ -136,19 +141,10 @@ class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
             raise ThorError("--criterion thor_consistency trains THOR's stochastic router; train "
                              "--expert-router switch/gshard/hash with "
                              "--criterion moe_label_smoothed_cross_entropy (adds their aux loss)")
-        lprobs, losses, nll_losses = [], [], []
-        for net_output in passes:
-            lp, target = self.get_lprobs_and_target(model, net_output, sample)  # (N, V), (N,)
-            loss, nll_loss = label_smoothed_nll_loss(
-                lp, target, self.eps, ignore_index=self.padding_idx, reduce=reduce
-            )
-            lprobs.append(lp)
-            losses.append(loss)
-            nll_losses.append(nll_loss)
-        pad_mask = target.eq(self.padding_idx)
-        consistency = symmetric_kl(lprobs[0], lprobs[1], pad_mask, reduce=reduce)
-        if not reduce:
-            consistency = consistency.view_as(losses[0])
+        if log_probs_are_log_softmax(model):
+            losses, nll_losses, consistency = self.terms_from_logits(model, passes, sample, reduce)
+        else:
+            losses, nll_losses, consistency = self.terms_from_log_probs(model, passes, sample, reduce)
         alpha = self.current_alpha()
         loss = losses[0] + losses[1] + alpha * consistency
 
@@ -169,6 +165,38 @@ class ThorConsistencyCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["n_correct"] = utils.item(n_correct.data)
             logging_output["total"] = utils.item(total.data)
         return loss, sample_size, logging_output
+
+    def terms_from_logits(self, model, passes, sample, reduce):
+        """The two label-smoothed CEs (and their nll parts) and the consistency, computed in one
+        piece from the logits (see modules/two_pass_loss: a fraction of the memory traffic)."""
+        target = model.get_targets(sample, passes[0])
+        logits = [net_output[0] for net_output in passes]
+        if self.ignore_prefix_size > 0:
+            target = target[:, self.ignore_prefix_size:]
+            logits = [lg[:, self.ignore_prefix_size:, :] for lg in logits]
+        terms = two_pass_losses(logits[0], logits[1], target, self.padding_idx)
+        vocab = logits[0].size(-1)
+        finish = (lambda t: t.sum()) if reduce else (lambda t: t.unsqueeze(-1))  # fairseq's shapes
+        losses = [finish(label_smoothed(nll, smooth, self.eps, vocab))
+                  for nll, smooth in ((terms.nll1, terms.smooth1), (terms.nll2, terms.smooth2))]
+        return losses, [finish(terms.nll1), finish(terms.nll2)], finish(terms.kl)
+
+    def terms_from_log_probs(self, model, passes, sample, reduce):
+        """The same terms from the model's log-probabilities, for models whose log-probabilities
+        are not a log-softmax of their output (adaptive softmax, a custom get_normalized_probs)."""
+        lprobs, losses, nll_losses = [], [], []
+        for net_output in passes:
+            lp, target = self.get_lprobs_and_target(model, net_output, sample)  # (N, V), (N,)
+            loss, nll_loss = label_smoothed_nll_loss(
+                lp, target, self.eps, ignore_index=self.padding_idx, reduce=reduce
+            )
+            lprobs.append(lp)
+            losses.append(loss)
+            nll_losses.append(nll_loss)
+        consistency = symmetric_kl(lprobs[0], lprobs[1], target.eq(self.padding_idx), reduce=reduce)
+        if not reduce:
+            consistency = consistency.view_as(losses[0])
+        return losses, nll_losses, consistency
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
