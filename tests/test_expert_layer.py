@@ -153,3 +153,26 @@ def test_each_expert_is_initialised_like_nn_linear():
     assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
     assert abs(w.std().item() - bound / 3 ** 0.5) < 0.01
     assert not torch.equal(w[0], w[1])
+
+
+@pytest.mark.parametrize("counts", [[3, 3, 3], [2, 4, 3], [0, 5, 4]], ids=["equal", "unequal", "one-unused"])
+def test_grouped_rows_get_their_experts_map_and_gradients(monkeypatch, counts):
+    """Rows in expert order through the bank: equal shares (training's balanced draws) go through
+    one batched matmul, the others expert by expert; both must be each row's own expert."""
+    from fairseq_thor.modules.experts import ExpertLinear
+
+    batched = []
+    baddbmm = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: batched.append(1) or baddbmm(*a, **k))
+    torch.manual_seed(0)
+    bank = ExpertLinear(E, C, F, dispatches=True)
+    rows = torch.randn(sum(counts), C, requires_grad=True)
+    experts = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    got = bank._per_expert(rows, counts)
+    assert bool(batched) == (min(counts) == max(counts))
+    expected = torch.einsum("ni,noi->no", rows, bank.weight[experts]) + bank.bias[experts]
+    torch.testing.assert_close(got, expected)
+    upstream = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (rows, bank.weight, bank.bias), upstream),
+                    torch.autograd.grad(expected, (rows, bank.weight, bank.bias), upstream)):
+        torch.testing.assert_close(a, b)

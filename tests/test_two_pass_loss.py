@@ -5,6 +5,7 @@ import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 from conftest import build_model
+from fairseq_thor.modules import two_pass_loss
 from fairseq_thor.modules.consistency import symmetric_kl
 from fairseq_thor.modules.two_pass_loss import label_smoothed, log_probs_are_log_softmax, two_pass_losses
 
@@ -32,7 +33,18 @@ def composed_terms(z1, z2, target):
     return terms + [symmetric_kl(lps[0], lps[1], pad, reduce=False)]
 
 
-def test_terms_equal_the_composition_and_padding_is_zero():
+BLOCKS = pytest.mark.parametrize("block_rows", [None, 1, 2, 3], ids=["one-block", "1-row", "2-rows", "3-rows"])
+
+
+def blocks_of(monkeypatch, block_rows, vocab=11):
+    """Work in blocks of ``block_rows`` rows (the CPU blocking, at a size the test can see)."""
+    if block_rows is not None:
+        monkeypatch.setattr(two_pass_loss, "CPU_BLOCK_BYTES", 4 * vocab * block_rows)
+
+
+@BLOCKS
+def test_terms_equal_the_composition_and_padding_is_zero(monkeypatch, block_rows):
+    blocks_of(monkeypatch, block_rows)
     z1, z2, target = logits_and_target()
     got = two_pass_losses(z1, z2, target, PAD)
     for a, b in zip(got, composed_terms(z1, z2, target)):
@@ -41,8 +53,10 @@ def test_terms_equal_the_composition_and_padding_is_zero():
     assert got.kl[target.ne(PAD)].gt(0).all() and got.nll1.gt(0).sum() == 5
 
 
+@BLOCKS
 @pytest.mark.parametrize("weights", [(1.0, 0.3, 2.0, 0.7, 5.0), (0.0, 0.0, 0.0, 0.0, 1.0), (1.0, 1.0, 0.0, 0.0, 0.0)])
-def test_logit_gradients_equal_the_composition(weights):
+def test_logit_gradients_equal_the_composition(monkeypatch, block_rows, weights):
+    blocks_of(monkeypatch, block_rows)
     z1, z2, target = logits_and_target(seed=1)
     g = torch.Generator().manual_seed(2)
     # per-row weights on every term, as reduce=False hands them back
@@ -57,12 +71,14 @@ def test_logit_gradients_equal_the_composition(weights):
         assert a[target.eq(PAD)].eq(0).all()
 
 
-def test_gradient_matches_finite_differences():
+def test_gradient_matches_finite_differences(monkeypatch):
+    blocks_of(monkeypatch, 2, vocab=6)
     z1, z2, target = logits_and_target(rows=5, vocab=6, dtype=torch.double, seed=3)
     assert torch.autograd.gradcheck(lambda a, b: two_pass_losses(a, b, target, PAD), (z1, z2))
 
 
-def test_half_precision_logits_give_fp32_terms_and_gradients_of_their_own_dtype():
+def test_half_precision_logits_give_fp32_terms_and_gradients_of_their_own_dtype(monkeypatch):
+    blocks_of(monkeypatch, 4, vocab=50)
     z1, z2, target = logits_and_target(rows=6, vocab=50, seed=4)
     h1, h2 = (z.detach().to(torch.bfloat16).requires_grad_() for z in (z1, z2))
     terms = two_pass_losses(h1, h2, target, PAD)
@@ -103,3 +119,9 @@ def test_plain_log_softmax_is_recognised_and_anything_else_is_not(dictionary):
     assert not log_probs_are_log_softmax(thor)
     dense.decoder.adaptive_softmax = torch.nn.Identity()
     assert not log_probs_are_log_softmax(dense)
+
+
+def test_cpu_rows_go_in_cache_sized_blocks_that_cover_every_row():
+    blocks = list(two_pass_loss._row_blocks(torch.empty(1000, 8000)))
+    assert blocks[0] == (0, 16) and blocks[-1] == (992, 1000)  # 16 rows x 8,000 x 4 bytes = 512 KiB
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))

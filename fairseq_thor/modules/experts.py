@@ -70,23 +70,22 @@ class ExpertLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (T*B) x C_in
         if self.dispatches:
             rows = rows.index_select(0, route.order)  # rows now in expert order
-        chunks = rows.split(route.counts)
-        # unbind once: its backward stacks the E gradients into one tensor, where indexing
-        # weight[e] per expert would allocate a full (E, out, in) zero gradient per expert
-        weights, biases = self.weight.unbind(0), self.bias.unbind(0)
-        out = torch.cat(
-            [
-                F.linear(chunk, weights[e], biases[e])
-                for e, chunk in enumerate(chunks)
-                if chunk.size(0) > 0
-            ]
-        )
+        out = self._per_expert(rows, route.counts)
         if not self.dispatches:
             out = out.index_select(0, route.restore)  # back to T x B order
         return out.view(*x.shape[:-1], self.out_features)
 
     def _per_expert(self, rows: Tensor, counts) -> Tensor:
-        weights, biases = self.weight.unbind(0), self.bias.unbind(0)  # see _grouped
+        """Rows in expert order, ``counts[e]`` of them for expert e, each through its expert."""
+        if len(counts) == self.num_experts and min(counts) == max(counts) > 0:
+            # Equal shares (training's balanced draws whenever E divides the batch): one batched
+            # matmul, whose gradient lands in the (E, out, in) weight directly.
+            out = torch.baddbmm(self.bias.unsqueeze(1), rows.view(self.num_experts, counts[0], -1),
+                                self.weight.transpose(1, 2))
+            return out.view(-1, self.out_features)
+        # unbind once: its backward stacks the E gradients into one tensor, where indexing
+        # weight[e] per expert would allocate a full (E, out, in) zero gradient per expert
+        weights, biases = self.weight.unbind(0), self.bias.unbind(0)
         outs = [F.linear(chunk, weights[e], biases[e])
                 for e, chunk in enumerate(rows.split(counts)) if chunk.size(0) > 0]
         return torch.cat(outs) if outs else rows.new_zeros(0, self.out_features)
