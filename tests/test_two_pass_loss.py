@@ -125,3 +125,12 @@ def test_cpu_rows_go_in_cache_sized_blocks_that_cover_every_row():
     blocks = list(two_pass_loss._row_blocks(torch.empty(1000, 8000)))
     assert blocks[0] == (0, 16) and blocks[-1] == (992, 1000)  # 16 rows x 8,000 x 4 bytes = 512 KiB
     assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+
+
+def test_an_empty_batch_gives_empty_terms_and_gradients():
+    z1, z2, target = (torch.zeros(0, 11, requires_grad=True), torch.zeros(0, 11, requires_grad=True),
+                      torch.zeros(0, dtype=torch.long))
+    terms = two_pass_losses(z1, z2, target, PAD)
+    assert all(t.shape == (0,) for t in terms)
+    sum(t.sum() for t in terms).backward()
+    assert z1.grad.shape == (0, 11)

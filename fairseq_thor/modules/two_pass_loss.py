@@ -46,7 +46,8 @@ class TwoPassLosses(NamedTuple):
 
 def _row_blocks(logits: Tensor) -> Iterator[Tuple[int, int]]:
     rows, vocab = logits.shape
-    step = rows if logits.device.type != "cpu" else max(1, CPU_BLOCK_BYTES // (4 * vocab))
+    step = rows if logits.device.type != "cpu" else CPU_BLOCK_BYTES // (4 * vocab)
+    step = max(1, step)  # one row even where a row is larger than a block, or there are none
     for start in range(0, rows, step):
         yield start, min(start + step, rows)
 
