@@ -3,6 +3,7 @@ autograd composition it replaces: log_softmax, fairseq's label_smoothed_nll_loss
 import pytest
 import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.distributed import ModuleProxyWrapper
 
 from conftest import build_model
 from fairseq_thor.modules import two_pass_loss
@@ -111,6 +112,13 @@ def test_plain_log_softmax_is_recognised_and_anything_else_is_not(dictionary):
     dense = build_model("transformer", dictionary=dictionary)
     assert log_probs_are_log_softmax(thor) and log_probs_are_log_softmax(dense)
 
+    class DataParallel(torch.nn.Module):  # what fairseq's distributed wrappers look like
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert log_probs_are_log_softmax(ModuleProxyWrapper(DataParallel(thor)))
+
     class OwnProbs(type(thor)):
         def get_normalized_probs(self, net_output, log_probs, sample=None):
             return super().get_normalized_probs(net_output, log_probs, sample)
@@ -119,6 +127,9 @@ def test_plain_log_softmax_is_recognised_and_anything_else_is_not(dictionary):
     assert not log_probs_are_log_softmax(thor)
     dense.decoder.adaptive_softmax = torch.nn.Identity()
     assert not log_probs_are_log_softmax(dense)
+    own = build_model("thor_transformer", ["--num-experts", "2"], dictionary=dictionary)
+    own.get_normalized_probs = lambda *a, **k: None  # an instance's own function
+    assert not log_probs_are_log_softmax(own)
 
 
 def test_cpu_rows_go_in_cache_sized_blocks_that_cover_every_row():

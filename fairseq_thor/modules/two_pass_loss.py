@@ -131,11 +131,19 @@ def label_smoothed(nll: Tensor, smooth: Tensor, epsilon: float, vocab: int) -> T
 
 def log_probs_are_log_softmax(model) -> bool:
     """True when the model's log-probabilities are fairseq's log_softmax of its output logits (no
-    adaptive softmax, no get_normalized_probs of its own): then the loss can start from the logits."""
+    adaptive softmax, no get_normalized_probs of its own): then the loss can start from the logits.
+
+    Asks the bound methods, not the model's class: in distributed training the criterion gets
+    fairseq's wrapper, which forwards these attributes to the model inside."""
     decoder = getattr(model, "decoder", None)
     return (isinstance(decoder, FairseqDecoder)
             and getattr(decoder, "adaptive_softmax", None) is None
-            and type(model).get_normalized_probs in _PLAIN_MODEL_PROBS
-            and type(model).get_normalized_probs_scriptable is BaseFairseqModel.get_normalized_probs_scriptable
-            and type(decoder).get_normalized_probs is FairseqDecoder.get_normalized_probs
-            and type(decoder).get_normalized_probs_scriptable is FairseqDecoder.get_normalized_probs_scriptable)
+            and _function(model, "get_normalized_probs") in _PLAIN_MODEL_PROBS
+            and _function(model, "get_normalized_probs_scriptable") is BaseFairseqModel.get_normalized_probs_scriptable
+            and _function(decoder, "get_normalized_probs") is FairseqDecoder.get_normalized_probs
+            and _function(decoder, "get_normalized_probs_scriptable") is FairseqDecoder.get_normalized_probs_scriptable)
+
+
+def _function(obj, name: str):
+    """The function behind ``obj.name`` when it is a method (None for anything else)."""
+    return getattr(getattr(obj, name, None), "__func__", None)
