@@ -5,8 +5,8 @@ what the tokens mean), alternating the models so that machine noise hits them al
 
 * training words/s: THOR (E experts, two stochastic passes + consistency) over dense (one pass of
   label-smoothed CE), with the two passes as two calls and fused into one (``--fuse-passes``); two
-  passes of the same cost make 0.5 the ceiling, which fusing can pass where one pass leaves the
-  machine underused;
+  passes of a dense step's cost would make 0.5 the ceiling, which THOR's cheaper loss
+  (modules/two_pass_loss) gets past on CPU and fusing may pass where one pass leaves a GPU underused;
 * decoding tokens/s: beam search with THOR at E = 1, 4, 16 (sentence routing, only the chosen
   expert computed) over dense; the aim is >= 0.9 at every E. ``--inference-routing path`` times
   the batches that routing decodes: the THOR tasks group sentences by their path expert, so the
