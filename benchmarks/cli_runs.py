@@ -35,7 +35,8 @@ def run(cmd, log_path: str, echo=lambda line: None, env=None) -> str:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
-    with open(log_path, "w", encoding="utf-8") as log:
+    # line-buffered: a run killed from outside (a study interrupted) keeps its log up to the kill
+    with open(log_path, "w", encoding="utf-8", buffering=1) as log:
         for line in proc.stdout:
             log.write(line)
             lines.append(line)

@@ -83,7 +83,9 @@ def progress(line: str) -> Optional[str]:
     """A short progress note for a ``fairseq-train`` log line, or None."""
     if "valid on 'valid' subset" in line:
         s = _pipe_stats(line, "valid on 'valid' subset")
-        return f"update {s.get('num_updates', 0):5.0f}: valid loss {s.get('loss')}, nll_loss {s.get('nll_loss')}"
+        bleu = f", BLEU {s['bleu']}" if "bleu" in s else ""
+        return (f"update {s.get('num_updates', 0):5.0f}: valid loss {s.get('loss')}, nll_loss {s.get('nll_loss')}"
+                f"{bleu}")
     if "done training in" in line:
         return line.split(" | ")[-1].strip()
     return None

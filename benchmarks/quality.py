@@ -49,7 +49,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import compare_report as report  # noqa: E402
 import quality_report  # noqa: E402
 from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data_problem  # noqa: E402
-from quality_cells import MODELS, cell_path, host_info, read_cell, recipe, recipe_change, run_cell  # noqa: E402
+import convergence_report  # noqa: E402
+from convergence_cells import converge_recipe, run_converge_cell  # noqa: E402
+from quality_cells import MODELS, SETTINGS, cell_path, host_info, read_cell, recipe, recipe_change, run_cell  # noqa: E402
 
 PLAN = "dense:3,rdrop:3,thor2:3,switch:3,thor4:1,hash:3"  # model:seeds (1..n)
 # make demo's recipe (examples/demo/README.md: chosen by measurement), run to 1,000 updates
@@ -57,6 +59,14 @@ DEFAULTS = dict(layers=3, embed_dim=256, ffn_dim=512, heads=4, max_update=1000, 
                 max_tokens=2048, warmup=200, vocab=8000, threads=None)
 TOY = dict(layers=2, embed_dim=32, ffn_dim=64, heads=2, max_update=10, save_every=5,
            max_tokens=1000, warmup=5, vocab=8000, threads=1)
+FLOATS = dict(lr=2e-3, dropout=0.1, weight_decay=1e-4, label_smoothing=0.1, clip_norm=0.0,
+              consistency_alpha=1.0, rdrop_alpha=1.0, capacity_factor=1.0)
+# --converge: train each cell until validation BLEU stops improving (README, "Quality at
+# convergence": the recipe was chosen from the dense pilot), what changes from the defaults above
+CONVERGE_PLAN = "dense:2,rdrop:2,hash:2,switch:1,thor2:1,thor2a5:1,thor4:1,thor8:1"
+CONVERGE = dict(max_update=30000, save_every=250, dropout=0.3, patience=8, average=5)
+TOY_CONVERGE = dict(max_update=40, save_every=5, patience=2, average=2)
+CONVERGE_SETTINGS = SETTINGS + ["patience", "average"]
 
 
 def fail(message: str):
@@ -114,7 +124,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help=f"{DATA_LAYOUT} (default: build make demo's gettext de->en corpus)")
-    p.add_argument("--plan", default=PLAN, help="model:number-of-seeds list, seeds 1..n (default %(default)s)")
+    p.add_argument("--converge", action="store_true",
+                   help="train every cell until validation BLEU stops improving (--patience, capped at "
+                        "--max-update), score the best and the averaged checkpoint; sets "
+                        f"{CONVERGE} (toy: {TOY_CONVERGE}) and its own plan, --work and --out")
+    p.add_argument("--plan", help=f"model:number-of-seeds list, seeds 1..n (default {PLAN}; "
+                                  f"with --converge {CONVERGE_PLAN})")
     p.add_argument("--models", help=f"run only these (comma-separated; of {', '.join(MODELS)})")
     p.add_argument("--seeds", help="e.g. 1,2,3: every model gets these seeds instead of the plan's")
     p.add_argument("--toy", action="store_true", help=f"tiny model for tests, needs --data (sets {TOY})")
@@ -124,9 +139,14 @@ def parse_args(argv=None):
                             ("; checkpoint, validate and log every K updates" if key == "save_every" else ""))
     p.add_argument("--normalize-before", action=argparse.BooleanOptionalAction, default=True,
                    help="pre-norm layers, as make demo (default on; --no-normalize-before: post-norm)")
-    for key, value in dict(lr=2e-3, dropout=0.1, weight_decay=1e-4, label_smoothing=0.1, clip_norm=0.0,
-                           consistency_alpha=1.0, rdrop_alpha=1.0, capacity_factor=1.0).items():
-        p.add_argument("--" + key.replace("_", "-"), type=float, default=value, help="default %(default)s")
+    for key, value in FLOATS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=float, default=None,
+                       help=f"default {value}" + (f" ({CONVERGE[key]} with --converge)" if key in CONVERGE else ""))
+    p.add_argument("--patience", type=int, default=None,
+                   help=f"--converge: stop after this many validations without a better BLEU "
+                        f"(default {CONVERGE['patience']})")
+    p.add_argument("--average", type=int, default=None,
+                   help=f"--converge: average the last N checkpoints (default {CONVERGE['average']})")
     p.add_argument("--consistency-alpha-warmup-updates", type=int, default=0,
                    help="THOR's; passed only when > 0 (default 0)")
     p.add_argument("--gated-experts", type=int, default=4, help="E for switch and hash (default 4)")
@@ -137,16 +157,25 @@ def parse_args(argv=None):
     p.add_argument("--remove-bpe", default="sentencepiece", help="fairseq-generate's, or 'none'")
     p.add_argument("--src", default="de", help="corpus source language (only when building it)")
     p.add_argument("--tgt", default="en")
-    p.add_argument("--work", default=os.path.join(REPO, "work", "quality"), help="corpus, checkpoints, logs")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "quality"),
-                   help="cells/, quality.md, quality.json, quality.png")
+    p.add_argument("--work", help="corpus, checkpoints, logs (default work/quality; work/convergence with --converge)")
+    p.add_argument("--out", help="cells/ and the report (default benchmarks/results/quality; "
+                                 "benchmarks/results/convergence with --converge)")
     p.add_argument("--rerun", action="store_true", help="retrain planned cells that are finished")
     p.add_argument("--keep", action="store_true", help="keep each cell's checkpoints and logs")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the cells")
     args = p.parse_args(argv)
-    for key, value in (TOY if args.toy else DEFAULTS).items():
+    defaults = {**(TOY if args.toy else DEFAULTS), **FLOATS, "patience": None, "average": None}
+    if args.converge:
+        defaults.update(CONVERGE, **(TOY_CONVERGE if args.toy else {}))
+    elif args.patience is not None or args.average is not None:
+        fail("--patience and --average belong to --converge")
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    study = "convergence" if args.converge else "quality"
+    args.plan = args.plan or (CONVERGE_PLAN if args.converge else PLAN)
+    args.work = args.work or os.path.join(REPO, "work", study)
+    args.out = args.out or os.path.join(REPO, "benchmarks", "results", study)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
     except ValueError:
@@ -159,6 +188,8 @@ def parse_args(argv=None):
             fail(f"--extra {item!r}: unknown model {name!r}; valid names: {', '.join(MODELS)}")
         extra[name] = extra.get(name, []) + shlex.split(flags)
     args.extra = extra
+    if args.converge and (args.patience < 1 or args.average < 1):
+        fail(f"--patience {args.patience} and --average {args.average} must be at least 1")
     if args.max_update % args.save_every:
         fail(f"--max-update {args.max_update} must be a multiple of --save-every {args.save_every}")
     if args.fp16 and args.device != "cuda":
@@ -174,13 +205,44 @@ def parse_args(argv=None):
     return args
 
 
+def settings(args) -> dict:
+    """What every cell records of the study's arguments (the report's header and recipe)."""
+    return {k: getattr(args, k, None) for k in (CONVERGE_SETTINGS if args.converge else SETTINGS)}
+
+
+def build_report(args, order: List[str]) -> str:
+    """Rebuild the report from the cell files; return its markdown."""
+    if args.converge:
+        return convergence_report.markdown(convergence_report.build(args.out, order, settings(args)))
+    return quality_report.markdown(quality_report.build(args.out, order))
+
+
+def done_line(cell: dict) -> str:
+    if cell.get("mode") == "converge":
+        best, averaged, timed = cell["best"], cell["averaged"], cell["equal_time"]
+        at_time = (timed["missing"] if "missing" in timed else
+                   f"{timed['bleu']:.2f} at {timed['budget_s']:.0f} s ({timed['updates']} updates)")
+        return (f"best BLEU {best['bleu']:.2f} / chrF2 {best['chrf']:.2f} (update {best['updates']}), "
+                f"averaged {averaged['bleu']:.2f}; stopped by {cell['stopped_by']} at {cell['updates']} "
+                f"updates ({cell['train_s']:.0f} s training); equal time: {at_time}")
+    timed, at_time = cell["equal_time"], ""
+    if cell["two_pass"] and "missing" in timed:
+        at_time = f"; equal time: {timed['missing']}"
+    elif cell["two_pass"]:
+        at_time = f"; {timed['bleu']:.2f} at dense's {timed['budget_s']:.0f} s ({timed['updates']} updates)"
+    final = cell["equal_updates"]
+    return (f"BLEU {final['bleu']:.2f}, chrF2 {final['chrf']:.2f} after {cell['updates']} updates "
+            f"({cell['train_s']:.0f} s training){at_time}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
     order = list(MODELS)
+    names = "convergence.md, .json, .png" if args.converge else "quality.md, quality.json, quality.png"
     if args.report_only:
-        quality_report.build(args.out, order)
-        print(f"wrote {args.out}/quality.md, quality.json, quality.png")
+        build_report(args, order)
+        print(f"wrote {names} in {args.out}")
         return 0
     os.makedirs(args.work, exist_ok=True)
     args.reference_file = None
@@ -191,13 +253,14 @@ def main(argv=None) -> int:
     args.device_flags = ["--cpu"] if args.device == "cpu" else (["--fp16"] if args.fp16 else [])
     args.host = host_info(args)
     env = child_env(args.threads)
+    recipe_of = converge_recipe if args.converge else recipe
 
     start, failed, total = time.time(), [], len(args.cells)
     for i, (name, seed) in enumerate(args.cells, 1):
         tag, path = f"[{i}/{total}]", cell_path(args, name, seed)
         old = read_cell(path)
         if old and old["status"] == "ok" and not args.rerun:
-            change = recipe_change(old.get("recipe"), recipe(args, name, seed))
+            change = recipe_change(old.get("recipe"), recipe_of(args, name, seed))
             if change is None:
                 print(f"{tag} skip {name} seed {seed}: finished ({short(path)})", flush=True)
                 continue
@@ -206,25 +269,20 @@ def main(argv=None) -> int:
                 (read_cell(cell_path(args, *c)) or {}).get("status") != "ok"]
         print(f"{tag} start {name} seed {seed} at {time.strftime('%H:%M:%S')} (elapsed {hms(time.time() - start)}; "
               f"{eta(args, todo)})", flush=True)
-        cell = run_cell(args, name, seed, env)
+        if args.converge:
+            cell = run_converge_cell(args, name, seed, env, settings(args))
+        else:
+            cell = run_cell(args, name, seed, env)
         if cell["status"] == "ok":
-            timed, at_time = cell["equal_time"], ""
-            if cell["two_pass"] and "missing" in timed:
-                at_time = f"; equal time: {timed['missing']}"
-            elif cell["two_pass"]:
-                at_time = f"; {timed['bleu']:.2f} at dense's {timed['budget_s']:.0f} s ({timed['updates']} updates)"
-            final = cell["equal_updates"]
-            print(f"{tag} done {name} seed {seed} in {hms(cell['elapsed_s'])}: BLEU {final['bleu']:.2f}, "
-                  f"chrF2 {final['chrf']:.2f} after {cell['updates']} updates "
-                  f"({cell['train_s']:.0f} s training){at_time}", flush=True)
+            print(f"{tag} done {name} seed {seed} in {hms(cell['elapsed_s'])}: {done_line(cell)}", flush=True)
         else:
             failed.append(f"{name} seed {seed}")
             print(f"{tag} FAILED {name} seed {seed} after {hms(cell['elapsed_s'])}: "
                   f"{report.error_summary(cell['error'])}", file=sys.stderr, flush=True)
-        quality_report.build(args.out, order)
+        build_report(args, order)
 
-    print("\n" + quality_report.markdown(quality_report.build(args.out, order)))
-    print(f"wrote {args.out}/quality.md, quality.json, quality.png; cells in {args.out}/cells")
+    print("\n" + build_report(args, order))
+    print(f"wrote {names} in {args.out}; cells in {args.out}/cells")
     if failed:
         print(f"FAILED: {', '.join(failed)} (errors in the cell files and the report)", file=sys.stderr)
     return 1 if failed else 0

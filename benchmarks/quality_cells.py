@@ -30,6 +30,7 @@ class Model(NamedTuple):
 
 
 THOR = ["--criterion", "thor_consistency", "--consistency-alpha", "{consistency_alpha}"]
+THOR_ALPHA5 = ["--criterion", "thor_consistency", "--consistency-alpha", "5"]  # the paper's IWSLT alpha
 MODELS = {  # dense first: the two-pass models of a seed get its training time
     "dense": Model(1, ["--criterion", "label_smoothed_cross_entropy"], False),
     "rdrop": Model(1, ["--criterion", "label_smoothed_cross_entropy_with_rdrop",
@@ -38,6 +39,8 @@ MODELS = {  # dense first: the two-pass models of a seed get its training time
     "thor4": Model(4, THOR, True),
     "switch": Model(None, ["--expert-router", "switch", *GATED], False),
     "hash": Model(None, ["--expert-router", "hash", *GATED], False),
+    "thor2a5": Model(2, THOR_ALPHA5, True),
+    "thor8": Model(8, THOR, True),
 }
 # the arguments every cell records (the report prints them in its header)
 SETTINGS = ["layers", "embed_dim", "ffn_dim", "heads", "normalize_before", "vocab", "max_update",
@@ -50,7 +53,7 @@ SETTINGS = ["layers", "embed_dim", "ffn_dim", "heads", "normalize_before", "voca
 def train_command(args, name: str, seed: int, save_dir: str) -> list:
     model = MODELS[name]
     flags = [f.format(**vars(args)) for f in model.flags]
-    if model.flags is THOR and args.consistency_alpha_warmup_updates:
+    if model.flags in (THOR, THOR_ALPHA5) and args.consistency_alpha_warmup_updates:
         flags += ["--consistency-alpha-warmup-updates", args.consistency_alpha_warmup_updates]
     k = args.save_every
     return [str(arg) for arg in [
@@ -179,23 +182,35 @@ def train_and_decode(args, cell: dict, work: str, env: dict):
     cell.update(quality_report.views(cell, cell.get("dense_train_s")))
 
 
-def run_cell(args, name: str, seed: int, env: dict) -> dict:
-    work = os.path.join(args.work, "cells", f"{name}-seed{seed}")
-    shutil.rmtree(work, ignore_errors=True)  # a cell trains afresh, never resumes another run
-    os.makedirs(work)
-    cell = {"model": name, "seed": seed, "status": "failed", "error": None, "two_pass": MODELS[name].two_pass,
-            "recipe": recipe(args, name, seed), "settings": {k: getattr(args, k) for k in SETTINGS},
+def started_cell(args, name: str, seed: int, recipe_now: dict, settings: dict, **extra) -> dict:
+    """A cell's record before it runs: what produces it and on which machine."""
+    return {"model": name, "seed": seed, "status": "failed", "error": None, **extra,
+            "two_pass": MODELS[name].two_pass, "recipe": recipe_now, "settings": settings,
             "device": args.device, "threads": args.threads, "host": args.host,
             "load_average_at_start": list(os.getloadavg()), "started_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def filled_and_written(args, cell: dict, fill) -> dict:
+    """Run ``fill(cell)``; record how it ended (its error, not a raise: the study goes on) and how
+    long it took, and write the cell file atomically."""
     start = time.time()
     try:
-        train_and_decode(args, cell, work, env)
+        fill(cell)
         cell["status"] = "ok"
     except Exception as e:  # keep going: the cell file says what broke
         cell["error"] = str(e)
     cell["elapsed_s"] = round(time.time() - start, 1)
     cell["load_average_at_end"] = list(os.getloadavg())
-    write_atomic(cell_path(args, name, seed), cell)
+    write_atomic(cell_path(args, cell["model"], cell["seed"]), cell)
+    return cell
+
+
+def run_cell(args, name: str, seed: int, env: dict) -> dict:
+    work = os.path.join(args.work, "cells", f"{name}-seed{seed}")
+    shutil.rmtree(work, ignore_errors=True)  # a cell trains afresh, never resumes another run
+    os.makedirs(work)
+    cell = started_cell(args, name, seed, recipe(args, name, seed), {k: getattr(args, k) for k in SETTINGS})
+    filled_and_written(args, cell, lambda c: train_and_decode(args, c, work, env))
     if not args.keep:  # a failed cell keeps its logs
         shutil.rmtree(work if cell["status"] == "ok" else os.path.join(work, "checkpoints"), ignore_errors=True)
     return cell

@@ -128,13 +128,13 @@ def differences(models: dict) -> List[dict]:
     return out
 
 
-def _ms(s: dict, fmt: str = "{:.2f}") -> str:
+def mean_std(s: dict, fmt: str = "{:.2f}") -> str:
     if not s["n"]:
         return "—"
     return fmt.format(s["mean"]) + (" ± " + fmt.format(s["std"]) if s["std"] is not None else "")
 
 
-def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+def table(header: List[str], rows: List[List[str]]) -> List[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
             *("| " + " | ".join(r) + " |" for r in rows), ""]
 
@@ -169,22 +169,22 @@ def markdown(result: dict) -> str:
         out += [f"**Warning:** the cells were not all trained the same way (differing: "
                 f"{', '.join(result['settings_that_vary'])}); the header shows the first finished cell's.", ""]
     out += [f"## {VIEWS['equal_updates'].capitalize()}", ""]
-    out += _table(["model", "n", "BLEU", "chrF2", "train s", "train words/s", "total params",
+    out += table(["model", "n", "BLEU", "chrF2", "train s", "train words/s", "total params",
                    "active params/token"],
-                  [[m, str(v["equal_updates"]["bleu"]["n"]), _ms(v["equal_updates"]["bleu"]),
-                    _ms(v["equal_updates"]["chrf"]), _ms(v["equal_updates"]["train_s"], "{:.0f}"),
-                    _ms(v["train_words_per_s"], "{:,.0f}"), f"{v['total_params']:,}", f"{v['active_params']:,}"]
+                  [[m, str(v["equal_updates"]["bleu"]["n"]), mean_std(v["equal_updates"]["bleu"]),
+                    mean_std(v["equal_updates"]["chrf"]), mean_std(v["equal_updates"]["train_s"], "{:.0f}"),
+                    mean_std(v["train_words_per_s"], "{:,.0f}"), f"{v['total_params']:,}", f"{v['active_params']:,}"]
                    for m, v in models.items()])
     out += [f"## {VIEWS['equal_time'].capitalize()}", "",
             "One-pass models (dense, Switch, hash) keep their final checkpoint.", ""]
-    out += _table(["model", "n", "BLEU", "chrF2", "updates", "train s"],
-                  [[m, str(v["equal_time"]["bleu"]["n"]), _ms(v["equal_time"]["bleu"]), _ms(v["equal_time"]["chrf"]),
-                    _ms(v["equal_time"]["updates"], "{:.0f}"), _ms(v["equal_time"]["train_s"], "{:.0f}")]
+    out += table(["model", "n", "BLEU", "chrF2", "updates", "train s"],
+                  [[m, str(v["equal_time"]["bleu"]["n"]), mean_std(v["equal_time"]["bleu"]), mean_std(v["equal_time"]["chrf"]),
+                    mean_std(v["equal_time"]["updates"], "{:.0f}"), mean_std(v["equal_time"]["train_s"], "{:.0f}")]
                    for m, v in models.items()])
     out += ["## Differences", "", "Beyond spread: |difference| > the sum of the two standard deviations "
             "(needs two seeds or more on both sides).", ""]
     verdict = {True: "yes", False: "no", None: "n/a"}
-    out += _table(["difference", "view", *(f"{name} {col}" for name in METRICS.values()
+    out += table(["difference", "view", *(f"{name} {col}" for name in METRICS.values()
                                            for col in ("Δ", "spread", "beyond spread"))],
                   [[d["difference"], d["view"].replace("_", " "),
                     *(c for m in METRICS for c in (
@@ -207,7 +207,7 @@ def markdown(result: dict) -> str:
                           *((f"{et['bleu']:.2f}", f"{et['chrf']:.2f}", str(et["updates"]))
                             if "missing" not in et else ("—", "—", "—")), f"{r['train_s']:.0f}",
                           " → ".join("—" if x is None else f"{x:.1f}" for x in load)])
-    out += _table(["model", "seed", "status", "BLEU (eq. updates)", "chrF2", "hyp/ref length", "BLEU (eq. time)",
+    out += table(["model", "seed", "status", "BLEU (eq. updates)", "chrF2", "hyp/ref length", "BLEU (eq. time)",
                    "chrF2", "updates (eq. time)", "train s", "load (start → end)"], cell_rows)
     if notes:
         out += notes + [""]

@@ -2,12 +2,13 @@
 
 Load with ``--user-dir fairseq_thor`` (or ``--user-dir "$(python -m fairseq_thor.path)"``).
 """
-from . import checkpoint_files
+from . import checkpoint_files, early_stopping
 from .compat import allow_fairseq_checkpoint_globals
 from .errors import install_one_line_errors
 
 allow_fairseq_checkpoint_globals()
 checkpoint_files.install()  # atomic checkpoint_last copies, verified loads (see checkpoint_files)
+early_stopping.install()  # --patience survives a resume (see early_stopping)
 install_one_line_errors()  # the plugin's own errors end a command with one line
 
 from . import models  # noqa: F401,E402  (registers thor_transformer and its architectures)

@@ -125,8 +125,14 @@ def test_plan_runs_seed_by_seed_with_dense_first():
     args = quality.parse_args(["--models", "thor4,dense", "--seeds", "3,5"])
     assert args.cells == [("dense", 3), ("thor4", 3), ("dense", 5), ("thor4", 5)]
     default = quality.parse_args([]).cells
-    assert {m: sum(1 for c in default if c[0] == m) for m in quality.MODELS} == {
+    assert {m: sum(1 for c in default if c[0] == m) for m in quality.MODELS if any(c[0] == m for c in default)} == {
         "dense": 3, "rdrop": 3, "thor2": 3, "thor4": 1, "switch": 3, "hash": 3}
+    converge = quality.parse_args(["--converge"])
+    assert converge.cells[:2] == [("dense", 1), ("rdrop", 1)] and ("thor8", 1) in converge.cells
+    assert {m: sum(1 for c in converge.cells if c[0] == m) for m in ("dense", "rdrop", "hash", "thor2a5")} == {
+        "dense": 2, "rdrop": 2, "hash": 2, "thor2a5": 1}
+    assert (converge.dropout, converge.patience, converge.out.endswith("results/convergence")) == (0.3, 8, True)
+    assert quality.parse_args([]).dropout == 0.1  # the 1,000-update study's recipe is unchanged
 
 
 def test_train_time_per_update_sums_train_inner_train_wall():

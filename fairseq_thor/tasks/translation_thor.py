@@ -13,6 +13,7 @@
 * An empty split is refused with its name and files (``empty_splits``).
 * With ``--inference-routing path`` evaluation and decoding batches are grouped by the sentences'
   expert, so decoding costs one FFN per layer (``expert_grouped_batches``).
+* A resumed training run trains on the batches an uninterrupted one would (``resumable_batches``).
 * Every sentence of a validation or test split is evaluated: fairseq's ``batch_by_size`` drops a
   final batch whose size is not a multiple of ``--required-batch-size-multiple`` (default 8), so
   outside training this task asks for a multiple of 1.
@@ -27,6 +28,7 @@ from ..shared_flags import add_dataclass_args_once
 from .empty_splits import refuse_empty_split
 from .expert_grouped_batches import ExpertGroupedBatches
 from .keyed_draws import SentenceKeyedDraws
+from .resumable_batches import BatchesAsIfFromEpochOne
 from .thor_flags import ThorTaskFlags, build_with_thor_flags
 from .training_guards import TrainingGuards
 
@@ -51,7 +53,7 @@ class PassUpdateNumToCriterion:
 
 @register_task("translation_thor", dataclass=ThorTranslationConfig)
 class ThorTranslationTask(TrainingGuards, SentenceKeyedDraws, ExpertGroupedBatches, PassUpdateNumToCriterion,
-                          TranslationTask):
+                          BatchesAsIfFromEpochOne, TranslationTask):
     cfg: ThorTranslationConfig
 
     @classmethod

@@ -1,0 +1,273 @@
+"""One (model, seed) cell of ``benchmarks/quality.py --converge``: train until validation stops
+improving, then score the best and the averaged checkpoint on test.
+
+Training is the quality study's command (``quality_cells.train_command``) with what a long run
+needs: validation BLEU every K updates (greedy, so validation stays cheap; test scores use beam 5),
+``--best-checkpoint-metric bleu`` with fairseq's ``--patience`` (which the plugin carries across a
+resume, ``fairseq_thor/early_stopping.py``), a ``--max-update`` cap, and the optimizer state in
+every checkpoint so that an interrupted cell resumes from its own ``checkpoint_last.pt``.
+
+A cell's work folder keeps ``recipe.json`` (what the checkpoints were trained with) and one log per
+training attempt. Rerunning the study after an interruption resumes the cell when the recipe is
+the same (and says from which update); a folder of another recipe is cleared and trained afresh.
+Once training has ended, ``trained.json`` marks it, so an interruption while decoding does not
+train again. Each attempt's ``train_wall`` counts from its resume point, so the cell's training
+time at update u is the time of the attempt that reached u plus what earlier attempts took to reach
+its resume point (updates redone after a kill count once).
+
+Three checkpoints are decoded on test (beam 5, detokenized sacreBLEU, every sentence):
+
+* best: ``checkpoint_best.pt``, the highest validation BLEU;
+* averaged: the parameter average of the last N update checkpoints (``fairseq-thor-average``), as MT
+  papers report;
+* equal training time: the best validation BLEU among the checkpoints trained within the seconds
+  the dense model of the same seed needed to reach its best checkpoint (the mean over finished
+  dense cells when that seed's is missing). Dense's own equal-time checkpoint is its best.
+"""
+import json
+import os
+import re
+import shutil
+import time
+from typing import Dict, List, Optional
+
+import compare_report as report
+from cli_runs import BIN, USER_DIR, count_params, decode, run
+from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, recipe, started_cell, train_command,
+                           write_atomic)
+
+VALID_BLEU_ARGS = '{"beam": 1, "max_len_a": 1.5, "max_len_b": 10}'  # greedy: validation stays cheap
+RESUMED = re.compile(r"[Ll]oaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
+
+
+def converge_command(args, name: str, seed: int, save_dir: str) -> list:
+    """The quality study's training command, validating BLEU and stopping on ``--patience``."""
+    cmd = train_command(args, name, seed, save_dir)
+    cmd.remove("--no-save-optimizer-state")  # a resume needs the optimizer's moments
+    return cmd + [str(a) for a in [
+        "--eval-bleu", "--eval-bleu-args", VALID_BLEU_ARGS,
+        *(["--eval-bleu-remove-bpe", args.remove_bpe] if args.remove_bpe != "none" else []),
+        "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric", "--patience", args.patience,
+    ]]
+
+
+def converge_recipe(args, name: str, seed: int) -> dict:
+    """``quality_cells.recipe`` with the convergence flags and the number of averaged checkpoints."""
+    flags = ["USER_DIR" if t == USER_DIR else t for t in converge_command(args, name, seed, "SAVE_DIR")[1:]]
+    return {**recipe(args, name, seed), "train_flags": flags, "average": args.average}
+
+
+# ---- the training time of a run that may have been resumed -------------------------------------
+
+def attempt_logs(work: str) -> List[str]:
+    """The training logs of a cell's attempts, oldest first."""
+    found = [(int(m.group(1)), name) for name in os.listdir(work)
+             if (m := re.fullmatch(r"train-(\d+)\.log", name))]
+    return [os.path.join(work, name) for _, name in sorted(found)]
+
+
+def resumed_at(log: str) -> int:
+    """The update an attempt started from: 0, or the one fairseq says it loaded."""
+    m = RESUMED.search(log)
+    return int(m.group(1)) if m else 0
+
+
+def progress_across_attempts(logs: List[str]) -> Dict[int, dict]:
+    """The ``train_inner`` statistics of every logged update over resumed attempts: an attempt
+    replaces what earlier ones logged after its resume point (those updates were redone)."""
+    merged: Dict[int, dict] = {}
+    for text in logs:
+        start = resumed_at(text)
+        merged = {u: stats for u, stats in merged.items() if u <= start}
+        for line in text.splitlines():
+            if " | train_inner | " in line:
+                stats = report._comma_stats(line)
+                if "num_updates" in stats:
+                    merged[int(stats["num_updates"])] = stats
+    return dict(sorted(merged.items()))
+
+
+def seconds_across_attempts(logs: List[str]) -> Dict[int, float]:
+    """Cumulative seconds inside training steps at each logged update: the running sum of each
+    interval's ``train_wall`` (fairseq resets it after every line; a resumed attempt's first
+    interval starts at its checkpoint)."""
+    total, seconds = 0.0, {}
+    for u, stats in progress_across_attempts(logs).items():
+        total += stats.get("train_wall", 0.0)
+        seconds[u] = total
+    return seconds
+
+
+def words_per_second(logs: List[str]) -> Optional[float]:
+    """Target words trained on per second inside training steps, over all attempts."""
+    words, wall, previous = 0.0, 0.0, 0
+    for u, stats in progress_across_attempts(logs).items():
+        words += stats.get("wpb", 0.0) * (u - previous)
+        wall += stats.get("train_wall", 0.0)
+        previous = u
+    return round(words / wall, 1) if wall else None
+
+
+def valid_curve(logs: List[str], seconds: Dict[int, float]) -> List[dict]:
+    """Validation loss, nll_loss and BLEU at every validated update, with its training time."""
+    points = {}
+    for text in logs:  # a redone update's line replaces the one before the kill
+        for line in text.splitlines():
+            if "valid on 'valid' subset" in line:
+                stats = report._pipe_stats(line, "valid on 'valid' subset")
+                if "num_updates" in stats:
+                    u = int(stats["num_updates"])
+                    points[u] = {"updates": u, "train_s": seconds.get(u), "loss": stats.get("loss"),
+                                 "nll_loss": stats.get("nll_loss"), "bleu": stats.get("bleu")}
+    return [points[u] for u in sorted(points)]
+
+
+def stop_reason(logs: List[str], updates: int, cap: int) -> str:
+    if any("early stop since valid performance hasn't improved" in t or "stopped early" in t for t in logs):
+        return "patience"
+    return "max_update" if updates >= cap else "unknown"
+
+
+# ---- choosing and scoring checkpoints ----------------------------------------------------------
+
+def update_checkpoints(save_dir: str) -> Dict[int, str]:
+    found = {}
+    for name in os.listdir(save_dir):
+        m = re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", name)
+        if m:
+            found[int(m.group(1))] = os.path.join(save_dir, name)
+    return found
+
+
+def best_within(curve: List[dict], budget_s: float, saved: Dict[int, str]) -> Optional[dict]:
+    """The saved checkpoint with the highest validation BLEU among those trained within
+    ``budget_s`` seconds (the earliest of equals), or None."""
+    inside = [p for p in curve if p["train_s"] is not None and p["train_s"] <= budget_s
+              and p["bleu"] is not None and p["updates"] in saved]
+    return max(inside, key=lambda p: (p["bleu"], -p["updates"])) if inside else None
+
+
+def time_to_best(cell: dict) -> Optional[float]:
+    return cell["best"]["train_s"] if cell and cell.get("status") == "ok" else None
+
+
+def dense_budget(args, seed: int) -> Optional[dict]:
+    """Seconds dense needed to reach its best checkpoint: same seed, else the mean of those done."""
+    own = time_to_best(read_cell(cell_path(args, "dense", seed)))
+    if own is not None:
+        return {"budget_s": own, "from": f"dense seed {seed}"}
+    done = {}
+    cells_dir = os.path.join(args.out, "cells")
+    for name in sorted(os.listdir(cells_dir)) if os.path.isdir(cells_dir) else []:
+        m = re.fullmatch(r"dense-seed(\d+)\.json", name)
+        if m and time_to_best(read_cell(os.path.join(cells_dir, name))) is not None:
+            done[int(m.group(1))] = time_to_best(read_cell(os.path.join(cells_dir, name)))
+    if not done:
+        return None
+    return {"budget_s": sum(done.values()) / len(done), "from": f"mean of dense seeds {sorted(done)}"}
+
+
+def scored(args, checkpoint: str, point: dict, work: str, tag: str, env: dict) -> dict:
+    scores = decode(args, checkpoint, os.path.join(work, f"generate-{tag}.log"), env)
+    return {**{k: point.get(k) for k in ("updates", "train_s")}, "valid_bleu": point.get("bleu"), **scores}
+
+
+def average_checkpoints(args, save_dir: str, env: dict) -> tuple:
+    saved = update_checkpoints(save_dir)
+    chosen = sorted(saved)[-args.average:]
+    out = os.path.join(save_dir, f"average-last{args.average}.pt")
+    run([os.path.join(BIN, "fairseq-thor-average"), *(saved[u] for u in chosen), "--out", out],
+        os.path.join(os.path.dirname(save_dir), "average.log"), env=env)
+    return out, chosen
+
+
+# ---- the cell ----------------------------------------------------------------------------------
+
+def prepare_work(work: str, recipe_now: dict) -> bool:
+    """Make ``work`` ready for ``recipe_now``; True when it resumes (fairseq itself then loads
+    ``checkpoint_last.pt``), False for a fresh start (a folder of another recipe, or without a
+    checkpoint, is cleared first)."""
+    recorded = os.path.join(work, "recipe.json")
+    last = os.path.join(work, "checkpoints", "checkpoint_last.pt")
+    if os.path.exists(recorded) and os.path.exists(last):
+        with open(recorded) as f:
+            if json.load(f) == recipe_now:
+                return True
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.join(work, "checkpoints"))
+    write_atomic(recorded, recipe_now)
+    return False
+
+
+def train(args, cell: dict, work: str, env: dict) -> List[str]:
+    """Train (or resume, or skip when finished); return every attempt's log text."""
+    finished = os.path.join(work, "trained.json")
+    if not os.path.exists(finished):
+        number = len(attempt_logs(work)) + 1
+        cmd = cell["train_command"] = converge_command(args, cell["model"], cell["seed"],
+                                                       os.path.join(work, "checkpoints"))
+        run(cmd, os.path.join(work, f"train-{number}.log"), echo=report.progress, env=env)
+        write_atomic(finished, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return [open(p, encoding="utf-8").read() for p in attempt_logs(work)]
+
+
+def train_and_score(args, cell: dict, work: str, env: dict):
+    name, seed = cell["model"], cell["seed"]
+    logs = train(args, cell, work, env)
+    save_dir = os.path.join(work, "checkpoints")
+    seconds = seconds_across_attempts(logs)
+    curve = valid_curve(logs, seconds)
+    trained = [report.parse_train_log(t) for t in logs if " | train_inner | " in t]
+    last = trained[-1] if trained else report.parse_train_log(logs[-1])  # params, last statistics
+    updates = max(seconds)
+    saved = update_checkpoints(save_dir)
+    if not curve or not saved:
+        raise RuntimeError(f"no validated checkpoint in {save_dir}")
+    best_point = max((p for p in curve if p["bleu"] is not None and p["updates"] in saved),
+                     key=lambda p: (p["bleu"], -p["updates"]))
+    # one attempt per training command: more than one when the cell was interrupted and resumed
+    cell.update(attempts=[{"log": f"train-{i}.log", "resumed_from": resumed_at(t)} for i, t in enumerate(logs, 1)],
+                updates=updates, train_s=seconds[updates], stopped_by=stop_reason(logs, updates, args.max_update),
+                train_words_per_s=words_per_second(logs), total_params=last["total_params"], curve=curve,
+                train_last=last["train_last"])
+    model = MODELS[name]
+    cell.update(count_params(saved[best_point["updates"]], cell["total_params"], model.experts or args.gated_experts, 1))
+
+    seeded = _with_seed(args, seed)
+    cell["best"] = scored(seeded, saved[best_point["updates"]], best_point, work, "best", env)
+    averaged, chosen = average_checkpoints(args, save_dir, env)
+    cell["averaged"] = {"checkpoints": chosen, **scored(seeded, averaged, {"updates": chosen[-1],
+                        "train_s": seconds.get(chosen[-1])}, work, "averaged", env)}
+    budget = {"budget_s": cell["best"]["train_s"], "from": "its own best"} if name == "dense" else dense_budget(args, seed)
+    if budget is None:
+        cell["equal_time"] = {"missing": "no finished dense cell to take the time budget from"}
+    else:
+        point = best_within(curve, budget["budget_s"], saved)
+        if point is None:
+            cell["equal_time"] = {**budget, "missing": f"no checkpoint within {budget['budget_s']:.0f} s"}
+        elif point["updates"] == best_point["updates"]:
+            cell["equal_time"] = {**budget, **cell["best"]}
+        else:
+            cell["equal_time"] = {**budget, **scored(seeded, saved[point["updates"]], point, work, "equal-time", env)}
+
+
+def _with_seed(args, seed: int):
+    import copy
+
+    seeded = copy.copy(args)
+    seeded.seed = seed
+    return seeded
+
+
+def run_converge_cell(args, name: str, seed: int, env: dict, settings: dict) -> dict:
+    work = os.path.join(args.work, "cells", f"{name}-seed{seed}")
+    recipe_now = converge_recipe(args, name, seed)
+    if prepare_work(work, recipe_now):
+        done = os.path.exists(os.path.join(work, "trained.json"))
+        print(f"    {name} seed {seed}: " + ("training had finished; scoring its checkpoints" if done else
+              f"resuming from {os.path.join(work, 'checkpoints', 'checkpoint_last.pt')}"), flush=True)
+    cell = started_cell(args, name, seed, recipe_now, settings, mode="converge")
+    filled_and_written(args, cell, lambda c: train_and_score(args, c, work, env))
+    if cell["status"] == "ok" and not args.keep:  # a failed or interrupted cell keeps what resumes it
+        shutil.rmtree(work, ignore_errors=True)
+    return cell

@@ -1,0 +1,247 @@
+"""The report of ``benchmarks/quality.py --converge``, rebuilt from whatever cell files exist.
+
+Rows are models; a row pools the seeds of cells trained with the study's recipe. A cell trained
+with another recipe (other flags, sizes, patience...) is listed apart and never pooled, so a change
+of recipe cannot blend two studies into one mean. Paths, threads and the test-set size are not part
+of the recipe (they change with the machine, not with the model).
+
+Three views per model, each mean ± sample std over seeds: the best checkpoint (validation BLEU),
+the average of the last N checkpoints, and equal training time (the best checkpoint within the
+seconds dense needed to reach its best). The differences table compares every THOR row with the
+baselines and THOR rows with each other, called beyond the spread when the difference exceeds the
+sum of the two standard deviations; the targets of the study are evaluated from it.
+"""
+import json
+import os
+from typing import List, Optional
+
+from compare_report import error_summary
+from quality_report import load_cells, mean_std, stats, table
+
+VIEWS = {"best": "best checkpoint (validation BLEU)", "averaged": "average of the last checkpoints",
+         "equal_time": "equal training time (best checkpoint within dense's time to its best)"}
+METRICS = {"bleu": "BLEU", "chrf": "chrF2"}
+THOR_ROWS = ("thor2", "thor2a5", "thor4", "thor8")
+BASELINES = ("dense", "rdrop", "hash", "switch")
+NOT_RECIPE = ("data", "test_sentences", "references", "threads")  # the machine's, not the model's
+
+
+def recipe_key(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in NOT_RECIPE}
+
+
+def summarize(cells: List[dict], order: List[str], settings: dict) -> dict:
+    key = recipe_key(settings)
+    mine = [c for c in cells if recipe_key(c.get("settings", {})) == key]
+    other = [c for c in cells if c not in mine]
+    ok = [c for c in mine if c["status"] == "ok"]
+    models = {}
+    for name in sorted({c["model"] for c in ok}, key=lambda m: order.index(m) if m in order else len(order)):
+        seeds = sorted((c for c in ok if c["model"] == name), key=lambda c: c["seed"])
+        models[name] = {
+            "seeds": [c["seed"] for c in seeds], "two_pass": seeds[0]["two_pass"],
+            **{view: {k: stats([c[view].get(k) for c in seeds if c.get(view) and "missing" not in c[view]])
+                      for k in ("bleu", "chrf", "updates", "train_s")} for view in VIEWS},
+            "updates_at_stop": stats([c["updates"] for c in seeds]),
+            "stopped_by": [c["stopped_by"] for c in seeds],
+            "train_words_per_s": stats([c["train_words_per_s"] for c in seeds]),
+            "total_params": seeds[0]["total_params"], "active_params": seeds[0]["active_params"],
+        }
+    hosts = sorted({c["host"].get("cpu", "?") for c in ok if c.get("host")})
+    return {"settings": settings, "models": models, "differences": differences(models),
+            "targets": targets(models), "hosts": hosts,
+            "cells": [_cell_row(c) for c in sorted(mine, key=lambda c: (_rank(c["model"], order), c["seed"]))],
+            "other_recipe": [{"model": c["model"], "seed": c["seed"],
+                              "differs_in": sorted(k for k in key.keys() | recipe_key(c.get("settings", {})).keys()
+                                                   if key.get(k) != c.get("settings", {}).get(k))} for c in other]}
+
+
+def _rank(model: str, order: List[str]) -> int:
+    return order.index(model) if model in order else len(order)
+
+
+def _cell_row(c: dict) -> dict:
+    row = {k: c.get(k) for k in ("model", "seed", "status", "error", "updates", "train_s", "stopped_by",
+                                 "elapsed_s")}
+    row["attempts"] = len(c.get("attempts") or [])
+    row["load"] = [(c.get(k) or [None])[0] for k in ("load_average_at_start", "load_average_at_end")]
+    row["cpu"] = (c.get("host") or {}).get("cpu")
+    for view in VIEWS:
+        if c["status"] == "ok":
+            row[view] = {k: c[view].get(k) for k in ("bleu", "chrf", "updates", "train_s", "missing", "length_ratio")
+                         if k in c[view]}
+    return row
+
+
+def _difference(a: dict, b: dict) -> Optional[dict]:
+    if not a["n"] or not b["n"]:
+        return None
+    delta = round(a["mean"] - b["mean"], 3)
+    spread = round(a["std"] + b["std"], 3) if a["n"] > 1 and b["n"] > 1 else None
+    return {"delta": delta, "spread": spread, "n": [a["n"], b["n"]],
+            "beyond_spread": None if spread is None else abs(delta) > spread}
+
+
+def differences(models: dict) -> List[dict]:
+    pairs = [(t, b) for t in THOR_ROWS for b in BASELINES] + [
+        ("thor4", "thor2"), ("thor8", "thor4"), ("thor2a5", "thor2")]
+    out = []
+    for a, b in pairs:
+        if a not in models or b not in models:
+            continue
+        for view in VIEWS:
+            entry = {"difference": f"{a} - {b}", "view": view}
+            for metric in METRICS:
+                d = _difference(models[a][view][metric], models[b][view][metric])
+                if d:
+                    entry[metric] = d
+            if len(entry) > 2:
+                out.append(entry)
+    return out
+
+
+def best_thor(models: dict) -> Optional[str]:
+    """The THOR row with the highest mean BLEU of its best checkpoints."""
+    scored = [(models[m]["best"]["bleu"]["mean"], m) for m in THOR_ROWS if m in models and models[m]["best"]["bleu"]["n"]]
+    return max(scored)[1] if scored else None
+
+
+def targets(models: dict) -> List[dict]:
+    """The study's targets (issue 19), each met, missed or not measured yet, on the best view."""
+    thor = best_thor(models)
+
+    def check(name, a, b, margin=0.0, beyond=False):
+        if a is None or a not in models or b not in models:
+            return {"target": name, "status": "not measured yet"}
+        d = _difference(models[a]["best"]["bleu"], models[b]["best"]["bleu"])
+        if d["delta"] < margin:
+            status = "missed"
+        elif beyond and d["spread"] is None:
+            status = "not decidable yet (needs 2 seeds on both sides)"
+        else:
+            status = "met" if not beyond or d["beyond_spread"] else "missed (within the spread)"
+        return {"target": name, "rows": f"{a} - {b}", **d, "status": status}
+
+    return [check("best THOR >= dense + 1.5 BLEU, beyond spread", thor, "dense", 1.5, beyond=True),
+            check("best THOR >= R-Drop (mean)", thor, "rdrop"),
+            check("best THOR >= hash (mean)", thor, "hash"),
+            check("THOR E=4 >= THOR E=2 (mean)", "thor4", "thor2")]
+
+
+def markdown(result: dict) -> str:
+    s, models = result["settings"], result["models"]
+    out = [
+        "# Quality at convergence: dense vs R-Drop vs hash vs Switch vs THOR", "",
+        f"{s.get('layers')}+{s.get('layers')} layers, d={s.get('embed_dim')}, FFN {s.get('ffn_dim')}, "
+        f"{s.get('heads')} heads, shared embeddings, pre-norm {s.get('normalize_before')}; Adam (0.9, 0.98), "
+        f"inverse_sqrt, lr {s.get('lr')}, warmup {s.get('warmup')}, dropout {s.get('dropout')}, weight decay "
+        f"{s.get('weight_decay')}, label smoothing {s.get('label_smoothing')}, {s.get('max_tokens')} tokens per "
+        f"batch. Validation (greedy BLEU) and a checkpoint every {s.get('save_every')} updates; training stops "
+        f"after {s.get('patience')} validations without a better BLEU, or at {s.get('max_update')} updates. "
+        f"Averaged: the last {s.get('average')} checkpoints. THOR alpha {s.get('consistency_alpha')} "
+        f"(thor2a5: 5); R-Drop alpha {s.get('rdrop_alpha')}; Switch and hash E={s.get('gated_experts')}. "
+        f"Test split decoded with beam 5, detokenized sacreBLEU, every sentence.", "",
+        "Mean ± sample standard deviation over seeds (n). Train s: seconds inside training steps "
+        "(fairseq's `train_wall`); they compare only between cells on the same kind of host, idle "
+        f"(hosts here: {', '.join(result['hosts']) or '—'}).", ""]
+    out += ["## At convergence", ""]
+    out += table(["model", "n", "best BLEU", "best chrF2", "averaged BLEU", "averaged chrF2", "updates to best",
+                  "train s to best", "stopped by", "train words/s", "params (active)"],
+                 [[m, str(v["best"]["bleu"]["n"]), mean_std(v["best"]["bleu"]), mean_std(v["best"]["chrf"]),
+                   mean_std(v["averaged"]["bleu"]), mean_std(v["averaged"]["chrf"]),
+                   mean_std(v["best"]["updates"], "{:.0f}"), mean_std(v["best"]["train_s"], "{:.0f}"),
+                   ", ".join(v["stopped_by"]), mean_std(v["train_words_per_s"], "{:,.0f}"),
+                   f"{v['total_params']:,} ({v['active_params']:,})"] for m, v in models.items()])
+    out += [f"## {VIEWS['equal_time'].capitalize()}", ""]
+    out += table(["model", "n", "BLEU", "chrF2", "updates", "train s"],
+                 [[m, str(v["equal_time"]["bleu"]["n"]), mean_std(v["equal_time"]["bleu"]),
+                   mean_std(v["equal_time"]["chrf"]), mean_std(v["equal_time"]["updates"], "{:.0f}"),
+                   mean_std(v["equal_time"]["train_s"], "{:.0f}")] for m, v in models.items()])
+    out += ["## Targets", "", f"Best THOR setting (highest mean best-checkpoint BLEU): "
+            f"{best_thor(models) or '—'}.", ""]
+    out += table(["target", "rows", "Δ BLEU", "spread", "status"],
+                 [[t["target"], t.get("rows", "—"), f"{t['delta']:+.2f}" if "delta" in t else "—",
+                   "—" if t.get("spread") is None else f"{t['spread']:.2f}", t["status"]] for t in result["targets"]])
+    out += ["## Differences", "", "Beyond spread: |difference| > the sum of the two standard deviations "
+            "(needs two seeds on both sides).", ""]
+    verdict = {True: "yes", False: "no", None: "n/a"}
+    out += table(["difference", "view", *(f"{n} {col}" for n in METRICS.values() for col in ("Δ", "spread", "beyond"))],
+                 [[d["difference"], d["view"].replace("_", " "),
+                   *(c for m in METRICS for c in (
+                       (f"{d[m]['delta']:+.2f}", "—" if d[m]["spread"] is None else f"{d[m]['spread']:.2f}",
+                        verdict[d[m]["beyond_spread"]]) if m in d else ("—", "—", "—")))]
+                  for d in result["differences"]])
+    out += ["## Cells", ""]
+    rows, notes = [], []
+    for r in result["cells"]:
+        if r["status"] != "ok":
+            rows.append([r["model"], str(r["seed"]), "failed", *["—"] * 8])
+            notes.append(f"- `{r['model']}` seed {r['seed']} failed: {error_summary(r['error'])}")
+            continue
+        views = [("—" if "bleu" not in r[v] else f"{r[v]['bleu']:.2f}") for v in VIEWS]
+        for v in VIEWS:
+            if "missing" in r[v]:
+                notes.append(f"- `{r['model']}` seed {r['seed']}, {v.replace('_', ' ')}: {r[v]['missing']}")
+        load = " → ".join("—" if x is None else f"{x:.1f}" for x in r["load"])
+        rows.append([r["model"], str(r["seed"]), r["stopped_by"], str(r["updates"]), str(r["best"]["updates"]),
+                     *views, f"{r['train_s']:.0f}", load, r.get("cpu") or "—"])
+    out += table(["model", "seed", "stopped by", "updates", "best at", "BLEU best", "BLEU averaged",
+                  "BLEU equal time", "train s", "load (start → end)", "host"], rows)
+    out += notes + ([""] if notes else [])
+    if result["other_recipe"]:
+        out += ["## Cells of another recipe (not pooled)", ""]
+        out += [f"- `{c['model']}` seed {c['seed']}: differs in {', '.join(c['differs_in'])}"
+                for c in result["other_recipe"]] + [""]
+    return "\n".join(out)
+
+
+def plot(cells: List[dict], result: dict, path: str):
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pooled = {(r["model"], r["seed"]) for r in result["cells"] if r["status"] == "ok"}
+    names = list(result["models"])
+    fig, (by_time, by_updates) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for c in cells:
+        if (c["model"], c["seed"]) not in pooled or c.get("mode") != "converge":
+            continue
+        color = f"C{names.index(c['model']) % 10}"
+        curve = [p for p in c["curve"] if p["bleu"] is not None and p["train_s"] is not None]
+        style = dict(color=color, linestyle=["-", "--", ":", "-."][(c["seed"] - 1) % 4], linewidth=1.2,
+                     label=f"{c['model']} s{c['seed']}")
+        by_time.plot([p["train_s"] / 3600 for p in curve], [p["bleu"] for p in curve], **style)
+        by_updates.plot([p["updates"] for p in curve], [p["bleu"] for p in curve], **style)
+        by_time.plot(c["best"]["train_s"] / 3600, c["best"]["valid_bleu"], "o", color=color)
+    dense = result["models"].get("dense", {}).get("best", {}).get("train_s", {})
+    if dense.get("n"):
+        by_time.axvline(dense["mean"] / 3600, color="gray", linestyle="--", linewidth=0.8)
+    by_time.set_xlabel("training time (hours inside training steps)")
+    by_updates.set_xlabel("updates")
+    by_time.set_ylabel("validation BLEU (greedy)")
+    by_time.set_title("validation BLEU vs training time\n(dot: best checkpoint; dashed: dense's time to best)")
+    by_updates.set_title("validation BLEU vs updates")
+    for ax in (by_time, by_updates):
+        ax.grid(alpha=0.3)
+    if by_updates.lines:
+        by_updates.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build(out_dir: str, order: List[str], settings: dict) -> dict:
+    """Read ``out_dir/cells`` and write ``convergence.md``, ``convergence.json``, ``convergence.png``."""
+    cells = load_cells(os.path.join(out_dir, "cells"))
+    result = summarize(cells, order, settings)
+    with open(os.path.join(out_dir, "convergence.md"), "w") as f:
+        f.write(markdown(result))
+    with open(os.path.join(out_dir, "convergence.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(cells, result, os.path.join(out_dir, "convergence.png"))
+    return result
+

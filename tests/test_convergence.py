@@ -1,0 +1,150 @@
+"""benchmarks/quality.py --converge at toy size through the real CLIs: patience stops a run before
+its cap, an interrupted cell resumes from its own checkpoint and ends where an uninterrupted one
+does, the averaged checkpoint is the mean of the last files, and the report pools only one recipe."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_cli import REPO, make_toy_data
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import convergence_cells  # noqa: E402
+import convergence_report  # noqa: E402
+
+pytestmark = pytest.mark.cli
+CAP = 40  # the toy --converge cap; patience 2 at one validation per 5 updates stops far sooner
+
+
+def converge(data, work, out, *extra, kill_when=None):
+    """Run the study; with ``kill_when`` (a glob), kill it (and its fairseq-train) once a file
+    matching it exists, as a session's end would."""
+    cmd = [sys.executable, "benchmarks/quality.py", "--converge", "--toy", "--data", data, "--remove-bpe", "none",
+           "--work", work, "--out", out, *map(str, extra)]
+    proc = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if kill_when:
+        deadline = time.time() + 600
+        while not glob.glob(str(kill_when)) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate(timeout=900)[0]
+    return proc.returncode, output
+
+
+def cell_of(out, name="thor2-seed1.json"):
+    return json.loads((out / "cells" / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("converge")
+    data = make_toy_data(root)
+    whole = converge(data, root / "work", root / "out", "--plan", "dense:1,thor2:1", "--keep")
+    # the same thor2 cell, killed once its second checkpoint exists, then run again
+    checkpoints = root / "work-killed" / "cells" / "thor2-seed1" / "checkpoints"
+    killed = converge(data, root / "work-killed", root / "out-killed", "--plan", "thor2:1",
+                      kill_when=checkpoints / "checkpoint_*_10.pt")
+    resumed = converge(data, root / "work-killed", root / "out-killed", "--plan", "thor2:1")
+    return {"root": root, "data": data, "whole": whole, "killed": killed, "resumed": resumed}
+
+
+def test_patience_stops_the_run_before_its_cap(study):
+    code, output = study["whole"]
+    assert code == 0, output[-3000:]
+    for name in ("dense-seed1.json", "thor2-seed1.json"):
+        cell = cell_of(study["root"] / "out", name)
+        assert cell["status"] == "ok" and cell["stopped_by"] == "patience", cell.get("error")
+        assert cell["updates"] < CAP and cell["updates"] % 5 == 0
+        bleus = [p["bleu"] for p in cell["curve"]]
+        best = max(range(len(bleus)), key=lambda i: (bleus[i], -i))
+        assert len(bleus) - 1 - best == 2  # stopped exactly --patience validations after the best
+        assert cell["best"]["updates"] == cell["curve"][best]["updates"]
+        assert cell["best"]["valid_bleu"] == bleus[best] and cell["best"]["sentences"] > 0
+        assert [p["updates"] for p in cell["curve"]] == list(range(5, cell["updates"] + 1, 5))
+        assert all(isinstance(p["train_s"], float) for p in cell["curve"])
+
+
+def test_an_interrupted_cell_resumes_and_ends_like_an_uninterrupted_one(study):
+    code, output = study["killed"]
+    assert code == -signal.SIGKILL, output[-3000:]
+    code, output = study["resumed"]
+    assert code == 0, output[-3000:]
+    assert "thor2 seed 1: resuming from" in output and "checkpoint_last.pt" in output
+    whole, resumed = cell_of(study["root"] / "out"), cell_of(study["root"] / "out-killed")
+    assert [a["resumed_from"] for a in resumed["attempts"]][0] == 0
+    assert len(resumed["attempts"]) == 2 and resumed["attempts"][1]["resumed_from"] in (5, 10)
+    assert resumed["updates"] == whole["updates"] and resumed["stopped_by"] == whole["stopped_by"]
+    # the same training: every validation identical (loss to the printed digit, BLEU)
+    assert [(p["updates"], p["loss"], p["bleu"]) for p in resumed["curve"]] == \
+           [(p["updates"], p["loss"], p["bleu"]) for p in whole["curve"]]
+    assert resumed["best"]["bleu"] == whole["best"]["bleu"]
+
+
+def test_the_averaged_checkpoint_is_the_mean_of_the_last_files(study):
+    cell = cell_of(study["root"] / "out")
+    save_dir = study["root"] / "work" / "cells" / "thor2-seed1" / "checkpoints"
+    saved = convergence_cells.update_checkpoints(str(save_dir))
+    assert cell["averaged"]["checkpoints"] == sorted(saved)[-2:] and len(saved) > 2
+    load = lambda p: torch.load(p, map_location="cpu", weights_only=True)["model"]  # noqa: E731
+    inputs = [load(saved[u]) for u in cell["averaged"]["checkpoints"]]
+    average = load(save_dir / "average-last2.pt")
+    assert average.keys() == inputs[0].keys()
+    for name, tensor in average.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(tensor, (inputs[0][name].double() + inputs[1][name].double()).div(2).float())
+    older = load(saved[sorted(saved)[-3]])
+    assert any(not torch.equal(average[n], (older[n] + inputs[1][n]) / 2) for n in average if average[n].is_floating_point())
+
+
+def test_a_finished_cell_is_skipped_and_another_recipe_retrains(study):
+    root = study["root"]
+    code, output = converge(study["data"], root / "work", root / "out", "--plan", "dense:1")
+    assert code == 0 and "skip dense seed 1: finished" in output, output[-2000:]
+    result = json.loads((root / "out" / "convergence.json").read_text())
+    assert set(result["models"]) == {"dense", "thor2"} and not result["other_recipe"]
+
+
+def cell(model, seed, bleu, dropout=0.3, seconds=100.0):
+    view = {"bleu": bleu, "chrf": 2 * bleu, "updates": 10, "train_s": seconds}
+    return {"model": model, "seed": seed, "status": "ok", "mode": "converge", "two_pass": model != "dense",
+            "settings": {"dropout": dropout, "data": f"/machine{seed}/data", "threads": seed},
+            "best": dict(view, valid_bleu=bleu), "averaged": view, "equal_time": view, "updates": 20,
+            "train_s": seconds, "stopped_by": "patience", "train_words_per_s": 1.0, "total_params": 10,
+            "active_params": 5, "curve": [], "host": {"cpu": "x"}}
+
+
+def test_a_cell_of_another_recipe_is_not_pooled_into_a_row():
+    cells = [cell("dense", 1, 30.0), cell("dense", 2, 31.0), cell("dense", 3, 99.0, dropout=0.1),
+             cell("thor2", 1, 33.0), cell("thor2", 2, 34.0)]
+    result = convergence_report.summarize(cells, ["dense", "thor2"], {"dropout": 0.3, "data": "here", "threads": 1})
+    assert result["models"]["dense"]["seeds"] == [1, 2]  # paths and threads are not the recipe
+    assert result["models"]["dense"]["best"]["bleu"]["mean"] == 30.5
+    assert result["other_recipe"] == [{"model": "dense", "seed": 3, "differs_in": ["dropout"]}]
+    assert "`dense` seed 3: differs in dropout" in convergence_report.markdown(result)
+    target = result["targets"][0]
+    assert target["rows"] == "thor2 - dense" and target["delta"] == 3.0
+    assert target["status"] == "met" and target["beyond_spread"]  # 3.0 > 0.707 + 0.707
+
+
+def test_equal_time_takes_the_best_validation_within_the_budget():
+    curve = [{"updates": u, "train_s": float(u), "bleu": b} for u, b in ((10, 5.0), (20, 9.0), (30, 8.0), (40, 12.0))]
+    saved = {10: "a", 20: "b", 30: "c", 40: "d"}
+    assert convergence_cells.best_within(curve, 35.0, saved)["updates"] == 20
+    assert convergence_cells.best_within(curve, 40.0, saved)["updates"] == 40
+    assert convergence_cells.best_within(curve, 35.0, {10: "a", 30: "c"})["updates"] == 30  # only saved ones
+    assert convergence_cells.best_within(curve, 5.0, saved) is None
+
+
+def test_training_time_counts_redone_updates_once():
+    first = "\n".join(f"x | train_inner | epoch 001: num_updates={u}, wpb=100, train_wall=10" for u in (5, 10, 15))
+    second = ("x | fairseq.trainer | Loaded checkpoint ck/checkpoint_last.pt (epoch 2 @ 10 updates)\n" +
+              "\n".join(f"x | train_inner | epoch 002: num_updates={u}, wpb=100, train_wall=12" for u in (15, 20)))
+    assert convergence_cells.seconds_across_attempts([first, second]) == {5: 10.0, 10: 20.0, 15: 32.0, 20: 44.0}
+    assert convergence_cells.words_per_second([first, second]) == round(2000 / 44, 1)
