@@ -39,10 +39,12 @@ clean-venv:
 multilingual: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/multilingual/run.sh
 
-# Dense vs THOR vs Switch vs GShard top-2 vs hash on the gettext de->en corpus, same updates
-# (~50 min on 2 idle cores); table + plot in benchmarks/results/compare/.
+# A quick look before the study: dense, THOR E=2, Switch and hash, one seed, 300 updates each, through
+# benchmarks/quality.py (its report in benchmarks/results/quality-quick/; about 20 min on 2 idle cores,
+# estimated from the study's per-update costs).
 compare: venv
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/compare.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/quality.py --plan dense:1,thor2:1,switch:1,hash:1 \
+		--max-update 300 --work work/quality-quick --out benchmarks/results/quality-quick
 
 # Multi-seed quality study: dense, R-Drop, THOR E=2/E=4, Switch, hash on one recipe, BLEU/chrF2 at
 # equal updates and at dense's training time (~9.5 h on 2 idle cores, estimated; resumable cell by

@@ -30,7 +30,7 @@ setup(
         "sentencepiece>=0.1.99",
     ],
     extras_require={
-        # matplotlib: benchmarks/compare.py's validation-loss plot (its toy run is a test)
+        # matplotlib: benchmarks/quality.py's plots (its toy runs are tests)
         "test": ["pytest>=7", "sacremoses>=0.2", "subword-nmt>=0.3.8", "matplotlib>=3.5"],
         "recipes": ["sacremoses>=0.2", "subword-nmt>=0.3.8"],  # examples/iwslt14_de_en, wmt16_en_de
         "bench": ["matplotlib>=3.5"],

@@ -1,19 +1,20 @@
-"""Training and decoding through the plugin's real CLIs, shared by ``compare.py`` and ``quality.py``.
+"""Training and decoding through the plugin's real CLIs, for ``quality.py`` and its cells.
 
 A logged subprocess, the gettext corpus of ``make demo``, the model-size and decoding flags, one
 checkpoint decoded and scored (every test sentence, or an error), and the active parameters per
-token read from a checkpoint. Log parsing and the tables live in ``compare_report.py``.
+token read from a checkpoint. Log parsing and the tables live in ``compare_logs.py``.
 """
 import glob
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
 import warnings
-from typing import Optional
+from typing import Dict, List, Optional
 
-import compare_report as report
+import fairseq_logs as logs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_thor")
@@ -50,9 +51,14 @@ def run(cmd, log_path: str, echo=lambda line: None, env=None) -> str:
 
 
 def child_env(threads: Optional[int]) -> dict:
-    """The CLIs' environment: unbuffered, and ``threads`` OpenMP/MKL threads when given (e.g. 1
-    on a shared machine: oversubscribed torch threads crawl)."""
+    """The CLIs' environment: unbuffered, without fairscale's import noise, and ``threads``
+    OpenMP/MKL threads when given (e.g. 1 on a shared machine: oversubscribed torch threads crawl)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    quiet_plugin_import()
+    from fairseq_thor.compat import QUIET_FAIRSCALE
+
+    # fairscale's import-time deprecation warnings would open every log (fairseq_thor/compat.py)
+    env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), QUIET_FAIRSCALE) if w)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
@@ -134,7 +140,7 @@ def decode(args, checkpoint: str, log_path: str, env: dict) -> dict:
     against ``args.reference_file`` or fairseq's ``T-`` lines; raises unless every test sentence
     has a hypothesis."""
     cmd = generate_command(args, checkpoint)
-    decoded = report.parse_generate_log(run(cmd, log_path, env=env))
+    decoded = logs.parse_generate_log(run(cmd, log_path, env=env))
     hypotheses, references = decoded.pop("hypotheses"), decoded.pop("references")
     expected = count_sentences(args.data)
     if len(hypotheses) != expected:
@@ -143,7 +149,7 @@ def decode(args, checkpoint: str, log_path: str, env: dict) -> dict:
     if args.reference_file:
         with open(args.reference_file, encoding="utf-8") as f:
             references = [line.rstrip("\n") for line in f]
-    return {**report.sacrebleu_scores(hypotheses, references), **decoded, "generate_command": cmd}
+    return {**sacrebleu_scores(hypotheses, references), **decoded, "generate_command": cmd}
 
 
 def count_params(checkpoint: str, total_params: int, num_experts: int, experts_per_token: int) -> dict:
@@ -155,9 +161,40 @@ def count_params(checkpoint: str, total_params: int, num_experts: int, experts_p
 
     allow_fairseq_checkpoint_globals()
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
-    expert = report.expert_ffn_numel(state, num_experts)
+    expert = expert_ffn_numel(state, num_experts)
     if num_experts > 1 and not expert:
         raise RuntimeError("no expert FFN tensors (fc1/fc2 of shape (E, ...)) in the checkpoint: "
                            "cannot count active parameters")
     return {"expert_ffn_params": expert,
-            "active_params": report.active_params(total_params, expert, num_experts, experts_per_token)}
+            "active_params": active_params(total_params, expert, num_experts, experts_per_token)}
+
+
+def sacrebleu_scores(hypotheses: List[str], references: List[str]) -> Dict[str, float]:
+    import sacrebleu
+
+    if len(hypotheses) != len(references):  # a partial score would look like a real one
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references])
+    # the brevity penalty and length ratio tell a short or run-on output from a wrong one
+    return {"bleu": round(bleu.score, 2), "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
+            "bleu_bp": round(bleu.bp, 3), "length_ratio": round(bleu.sys_len / max(1, bleu.ref_len), 3)}
+
+
+def expert_ffn_numel(state_dict: dict, num_experts: int) -> int:
+    """Elements of the expert FFN banks: ``fc1``/``fc2`` weights ``(E, out, in)`` and biases
+    ``(E, out)`` (a dense layer's ``fc1.weight`` is 2-D and is not counted)."""
+    if num_experts < 2:
+        return 0
+    total = 0
+    for name, tensor in state_dict.items():
+        m = re.search(r"\.fc[12]\.(weight|bias)$", name)
+        if m and tensor.dim() == (3 if m.group(1) == "weight" else 2) and tensor.size(0) == num_experts:
+            total += tensor.numel()
+    return total
+
+def active_params(total: int, expert_numel: int, num_experts: int, experts_per_token: int) -> int:
+    """Parameters one token runs through: everything outside the expert banks (embeddings,
+    attention, gates) plus ``experts_per_token`` of the ``num_experts`` experts of each bank."""
+    if num_experts < 2:
+        return total
+    return total - expert_numel + expert_numel * experts_per_token // num_experts

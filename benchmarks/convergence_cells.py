@@ -31,7 +31,7 @@ import shutil
 import time
 from typing import Dict, List, Optional
 
-import compare_report as report
+import fairseq_logs as logs
 from cli_runs import BIN, USER_DIR, count_params, decode, run
 from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, recipe, started_cell, train_command,
                            write_atomic)
@@ -81,7 +81,7 @@ def progress_across_attempts(logs: List[str]) -> Dict[int, dict]:
         merged = {u: stats for u, stats in merged.items() if u <= start}
         for line in text.splitlines():
             if " | train_inner | " in line:
-                stats = report._comma_stats(line)
+                stats = logs.comma_stats(line)
                 if "num_updates" in stats:
                     merged[int(stats["num_updates"])] = stats
     return dict(sorted(merged.items()))
@@ -114,7 +114,7 @@ def valid_curve(logs: List[str], seconds: Dict[int, float]) -> List[dict]:
     for text in logs:  # a redone update's line replaces the one before the kill
         for line in text.splitlines():
             if "valid on 'valid' subset" in line:
-                stats = report._pipe_stats(line, "valid on 'valid' subset")
+                stats = logs.pipe_stats(line, "valid on 'valid' subset")
                 if "num_updates" in stats:
                     u = int(stats["num_updates"])
                     points[u] = {"updates": u, "train_s": seconds.get(u), "loss": stats.get("loss"),
@@ -206,7 +206,7 @@ def train(args, cell: dict, work: str, env: dict) -> List[str]:
         number = len(attempt_logs(work)) + 1
         cmd = cell["train_command"] = converge_command(args, cell["model"], cell["seed"],
                                                        os.path.join(work, "checkpoints"))
-        run(cmd, os.path.join(work, f"train-{number}.log"), echo=report.progress, env=env)
+        run(cmd, os.path.join(work, f"train-{number}.log"), echo=logs.progress, env=env)
         write_atomic(finished, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     return [open(p, encoding="utf-8").read() for p in attempt_logs(work)]
 
@@ -217,8 +217,8 @@ def train_and_score(args, cell: dict, work: str, env: dict):
     save_dir = os.path.join(work, "checkpoints")
     seconds = seconds_across_attempts(logs)
     curve = valid_curve(logs, seconds)
-    trained = [report.parse_train_log(t) for t in logs if " | train_inner | " in t]
-    last = trained[-1] if trained else report.parse_train_log(logs[-1])  # params, last statistics
+    trained = [logs.parse_train_log(t) for t in logs if " | train_inner | " in t]
+    last = trained[-1] if trained else logs.parse_train_log(logs[-1])  # params, last statistics
     updates = max(seconds)
     saved = update_checkpoints(save_dir)
     if not curve or not saved:

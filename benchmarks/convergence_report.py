@@ -15,7 +15,7 @@ import json
 import os
 from typing import List, Optional
 
-from compare_report import error_summary
+from fairseq_logs import error_summary
 from quality_report import load_cells, mean_std, stats, table
 
 VIEWS = {"best": "best checkpoint (validation BLEU)", "averaged": "average of the last checkpoints",

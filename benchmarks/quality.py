@@ -46,7 +46,7 @@ import time
 from typing import List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import compare_report as report  # noqa: E402
+import fairseq_logs as logs  # noqa: E402
 import quality_report  # noqa: E402
 from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data_problem  # noqa: E402
 import convergence_report  # noqa: E402
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
         else:
             failed.append(f"{name} seed {seed}")
             print(f"{tag} FAILED {name} seed {seed} after {hms(cell['elapsed_s'])}: "
-                  f"{report.error_summary(cell['error'])}", file=sys.stderr, flush=True)
+                  f"{logs.error_summary(cell['error'])}", file=sys.stderr, flush=True)
         build_report(args, order)
 
     print("\n" + build_report(args, order))

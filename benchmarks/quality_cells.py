@@ -18,7 +18,7 @@ import shutil
 import time
 from typing import List, NamedTuple, Optional
 
-import compare_report as report
+import fairseq_logs as logs
 import quality_report
 from cli_runs import BIN, GATED, USER_DIR, count_params, decode, model_flags, run
 
@@ -150,11 +150,11 @@ def train_and_decode(args, cell: dict, work: str, env: dict):
     model = MODELS[name]
     save_dir = os.path.join(work, "checkpoints")
     cmd = cell["train_command"] = train_command(args, name, seed, save_dir)
-    log = run(cmd, os.path.join(work, "train.log"), echo=report.progress, env=env)
-    train = report.parse_train_log(log)
+    log = run(cmd, os.path.join(work, "train.log"), echo=logs.progress, env=env)
+    train = logs.parse_train_log(log)
     if train["num_updates"] != args.max_update:
         raise RuntimeError(f"trained {train['num_updates']} updates, not {args.max_update}")
-    seconds = report.train_seconds_by_update(log)
+    seconds = logs.train_seconds_by_update(log)
     checkpoints = saved_checkpoints(save_dir, seconds, args.max_update)
     cell.update(updates=train["num_updates"], train_s=seconds[args.max_update],
                 train_words_per_s=train["train_words_per_s"], total_params=train["total_params"],

@@ -19,7 +19,7 @@ import os
 import statistics
 from typing import Dict, List, Optional
 
-from compare_report import error_summary
+from fairseq_logs import error_summary
 
 VIEWS = {"equal_updates": "equal updates (final checkpoint)",
          "equal_time": "equal training time (two-pass models stopped at dense's time, same seed)"}

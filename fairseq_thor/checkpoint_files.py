@@ -96,11 +96,23 @@ def _shard_suffix(name: str) -> str:
     return ""
 
 
+def use_instead(other: str) -> str:
+    """How to use the intact checkpoint ``other`` in place of a damaged one, in a form that works:
+    a sharded save is named by its prefix (``--restore-file`` under ``--expert-parallel`` adds each
+    rank's suffix) and is consolidated before decoding."""
+    suffix = _shard_suffix(os.path.basename(other))
+    if not suffix:
+        return f"use {other} (the newest intact checkpoint beside it) instead, e.g. with --restore-file or --path"
+    save = other[: -len(suffix + ".pt")] + ".pt"
+    return (f"use the save {save} instead (its file {os.path.basename(other)} is the newest intact one of "
+            f"its kind beside it): --restore-file {save} with --expert-parallel, or "
+            f"fairseq-thor-consolidate {save} --out FILE to decode it")
+
+
 def refuse(path: str, problem: str, what_to_do: Optional[str] = None):
     if what_to_do is None:
         others = intact_alternatives(path)
-        what_to_do = (f"use {others[0]} (the newest intact checkpoint beside it) instead, e.g. with "
-                      f"--restore-file or --path" if others else
+        what_to_do = (use_instead(others[0]) if others else
                       "write it again: rerun the training, or the consolidate/reshard/export command")
     raise UnreadableCheckpoint(f"checkpoint {path} cannot be used: {problem}; {what_to_do}")
 
@@ -114,12 +126,23 @@ def verify(path: str):
 
 # ---- loading -----------------------------------------------------------------------------------
 
+def refused_global(error: Exception) -> Optional[str]:
+    """The class or function torch's safe loader refused, from its message ("Unsupported global:
+    GLOBAL module.Name was not an allowed global"), or None."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return match.group(1) if match else None
+
+
 def _explained_load_error(path: str, error: Exception):
     if isinstance(error, pickle.UnpicklingError):
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        refuse(path, f"torch's safe loader refused an object in it ({first_line})",
-               "fairseq_thor allow-lists what fairseq checkpoints hold; if you trust the file and "
-               "it needs more, allow those classes with torch.serialization.add_safe_globals")
+        # torch's own message is ~600 characters and advises weights_only=False: say it in our words
+        name = refused_global(error)
+        what = f"the class {name}" if name else "an object"
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = "" if name else f" ({(lines[-1] if lines else type(error).__name__)[:200]})"
+        refuse(path, f"torch's safe loader refused {what} in it{detail}",
+               "fairseq_thor allow-lists what fairseq checkpoints hold; if you trust the file, allow "
+               f"{name or 'that class'} with torch.serialization.add_safe_globals before loading")
     refuse(path, f"torch.load failed ({type(error).__name__}: {error})")
 
 

@@ -7,8 +7,16 @@ exactly the classes fairseq checkpoints contain:
   config in one, so stock ``fairseq-generate`` fails on every such checkpoint without it;
 * numpy arrays and scalars: fairseq's ``--eval-bleu`` logs its n-gram counts as numpy arrays, and
   the metric meters holding them are saved in the checkpoint's ``extra_state``.
+
+fairscale 0.4 decorates functions with ``torch.cuda.amp.custom_fwd``/``custom_bwd``, which torch >=
+2.4 deprecates with a FutureWarning each, at import: four lines before anything a command prints.
+The plugin silences exactly those (by message and module) before it imports fairseq. A stock
+``fairseq-*`` command imports fairscale through fairseq before it loads any ``--user-dir``, so
+there only the environment can do it: ``QUIET_FAIRSCALE`` is the ``PYTHONWARNINGS`` value the
+shipped scripts set.
 """
 import argparse
+import warnings
 
 import numpy as np
 import torch
@@ -25,6 +33,15 @@ def _numpy_globals():
 
 
 SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace, *_numpy_globals()]
+
+
+FAIRSCALE_AMP_DEPRECATION = r"`torch\.cuda\.amp\.custom_(fwd|bwd)\(args\.\.\.\)` is deprecated"
+QUIET_FAIRSCALE = "ignore::FutureWarning:fairscale.experimental.nn.offload"  # PYTHONWARNINGS syntax
+
+
+def quiet_known_deprecations():
+    warnings.filterwarnings("ignore", message=FAIRSCALE_AMP_DEPRECATION, category=FutureWarning,
+                            module=r"fairscale\.")
 
 
 def allow_fairseq_checkpoint_globals():

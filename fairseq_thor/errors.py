@@ -4,8 +4,9 @@
 plugin's own checks: bad flag values, unreadable checkpoints, data that cannot be trained on. Its
 message names the flag or file and says what is valid or what to do. fairseq's commands do not
 catch exceptions, so a 20-line traceback would bury that one line; importing the plugin installs
-an exception hook that prints ``error: <message>`` for an uncaught ``ThorError`` (exit status 1)
-and leaves every other exception to Python's usual report. ``FAIRSEQ_THOR_TRACEBACK=1`` restores
+an exception hook that prints ``error: <message>`` for an uncaught ``ThorError`` (exit status 1),
+also when fairseq raised its own exception while handling one (its "Cannot load model parameters"
+around a model's refusal), and leaves every other exception to Python's usual report. ``FAIRSEQ_THOR_TRACEBACK=1`` restores
 the full traceback for debugging.
 
 In a distributed run the hook writes the line itself, prefixed ``[rankN]: `` as torch's own hook
@@ -30,9 +31,23 @@ def _process_group_rank():
     return None
 
 
+def thor_error_in_chain(exc: BaseException):
+    """The plugin's error that ``exc`` is, or was raised while handling (fairseq wraps what a model
+    raises while loading a checkpoint in its own "Cannot load model parameters" exception)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ThorError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _one_line_for_thor_errors(previous_hook):
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, ThorError) and not os.environ.get("FAIRSEQ_THOR_TRACEBACK"):
+        ours = thor_error_in_chain(exc)
+        if ours is not None and not os.environ.get("FAIRSEQ_THOR_TRACEBACK"):
+            exc = ours
             rank = _process_group_rank()
             if rank is None:
                 print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
 """`make demo`: the progress filter's ETA, and the whole script end to end at toy size."""
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -47,21 +48,48 @@ def test_validation_and_errors_pass_through_and_noise_does_not():
     assert out[1:] == ["    Traceback (most recent call last):", "    ValueError: --lr is bad"]
 
 
-@pytest.mark.cli
-@pytest.mark.skipif(not glob.glob("/usr/share/locale/de/LC_MESSAGES/*.mo"),
-                    reason="needs German gettext catalogs (the demo's data)")
-def test_demo_runs_end_to_end_and_decodes_every_test_sentence(tmp_path):
-    env = dict(os.environ, WORK=str(tmp_path / "demo"), VOCAB="600", MAX_UPDATE="4", LOG_INTERVAL="2", LAYERS="1",
+needs_catalogs = pytest.mark.skipif(not glob.glob("/usr/share/locale/de/LC_MESSAGES/*.mo"),
+                                    reason="needs German gettext catalogs (the demo's data)")
+
+
+def run_demo(work, **knobs):
+    env = dict(os.environ, WORK=str(work), VOCAB="600", MAX_UPDATE="4", LOG_INTERVAL="2", LAYERS="1",
                EMBED="32", FFN="64", HEADS="2", MAX_TOKENS="4000", WARMUP="2",
                OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("PYTHONWARNINGS", None)
     proc = subprocess.run(["bash", os.path.join(REPO, "examples", "demo", "run.sh")], cwd=REPO,
-                          env=env, text=True, capture_output=True, timeout=900)
-    out = proc.stdout
-    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    assert "make demo: about" in out  # the expected duration is said up front
+                          env={**env, **knobs}, text=True, capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def readme_minutes():
+    """The demo's duration as the README states it ("**`make demo`** (N minutes ...")."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        return int(re.search(r"\*\*`make demo`\*\* \((\d+) minutes", f.read()).group(1))
+
+
+@pytest.mark.cli
+@needs_catalogs
+def test_demo_runs_end_to_end_and_decodes_every_test_sentence(tmp_path):
+    out = run_demo(tmp_path / "demo")
+    # the expected duration is said up front, as the README says it
+    assert f"make demo: about {readme_minutes()} minutes" in out
+    assert "FutureWarning" not in out and "NOTE:" not in out
     assert "update     4/4 (100%)" in out and "ETA 0m00s" in out
     test_sentences = sum(1 for _ in open(tmp_path / "demo" / "raw" / "test.de", encoding="utf-8"))
     assert f"decoded {test_sentences} of {test_sentences} test sentences" in out
     bleu = [line for line in out.splitlines() if line.strip().startswith("BLEU  =")]
     assert len(bleu) == 1 and float(bleu[0].split("=")[1]) >= 0
     assert out.count("    HYP: ") == 5
+
+
+@pytest.mark.cli
+@needs_catalogs
+def test_a_demo_stopped_by_its_time_guard_says_so_and_what_it_takes(tmp_path):
+    out = run_demo(tmp_path / "demo", MAX_UPDATE="100000", TRAIN_MINUTES="0.01")
+    note = out[out.index("NOTE: the TRAIN_MINUTES=0.01 guard stopped training after "):]
+    reached = int(re.match(r"NOTE: the TRAIN_MINUTES=0.01 guard stopped training after (\d+) of 100000", note).group(1))
+    assert 0 < reached < 100000
+    assert re.search(r"rerun with TRAIN_MINUTES=\d+", note)
+    assert f"sacreBLEU (detokenized, de->en test split) after only {reached} of 100000 updates" in out

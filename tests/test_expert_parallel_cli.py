@@ -328,3 +328,42 @@ def test_a_damaged_rank_file_is_refused_by_consolidate_and_by_resume(interval_sa
         errors = error_lines(out)
         assert code == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
         assert f"rank 1: checkpoint {damaged} cannot be used" in errors[0]
+
+
+def test_the_damage_hint_and_a_rank_file_spelling_of_it_both_resume(interval_saves, tmp_path):
+    from test_checkpoint_files import flip_bytes_inside_largest_entry
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(interval_saves["ckpt"], folder)
+    flip_bytes_inside_largest_entry(folder / "checkpoint_last-rank-1.pt")
+    code, out = run("fairseq-thor-consolidate", folder / "checkpoint_last", "--out", tmp_path / "one.pt",
+                    check=False)
+    hint = re.search(r"--restore-file (\S+) with --expert-parallel", error_lines(out)[0])
+    assert hint, out[-2000:]
+    save = hint.group(1)  # the save's name, not one of its files
+    assert re.fullmatch(rf"{folder}/checkpoint_\d+_4\.pt", save), save
+    for spelling in (save, save[: -len(".pt")] + "-rank-1.pt"):
+        run_dir = tmp_path / f"run-{len(spelling)}"
+        shutil.copytree(folder, run_dir)
+        spelled = spelling.replace(str(folder), str(run_dir))
+        codes, outs = train_in_processes("fairseq-thor-train", interval_saves["data"], run_dir,
+                                         "--max-update", "6", *interval_saves["keep"], "--restore-file", spelled)
+        assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+        assert re.search(r"Loaded checkpoint .* \(epoch \d+ @ 4 updates\)", outs[0]), outs[0][-2000:]
+        assert ("is one file of an expert-sharded save; restoring the save" in outs[0]) == ("-rank-" in spelling)
+
+
+def test_a_sharded_restore_file_that_names_nothing_stops_every_rank_and_keeps_the_saves(interval_saves, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(interval_saves["ckpt"], folder)
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    wrong = folder / "checkpoint_1_2-rank-1.pt"  # the form an old CRC hint gave; that save is gone
+    codes, outs = train_in_processes("fairseq-thor-train", interval_saves["data"], folder, "--max-update", "6",
+                                     *interval_saves["keep"], "--restore-file", wrong)
+    for code, out in zip(codes, outs):
+        errors = error_lines(out)
+        assert code == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+        assert f"no checkpoint at {folder}/checkpoint_1_2-rank-0.pt or {folder}/checkpoint_1_2-shared.pt" in errors[0]
+        assert "expert-sharded saves there:" in errors[0] and f"{folder}/checkpoint_last.pt" in errors[0]
+        assert "train_inner" not in out and "No existing checkpoint found" not in out
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before

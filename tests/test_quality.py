@@ -8,19 +8,19 @@ import sys
 
 import pytest
 
-from test_cli import NUM_TEST, REPO
-from test_compare import TRAIN_LOG, make_toy_data, routers_available
+from test_cli import NUM_TEST, REPO, make_toy_data
+from test_fairseq_logs import TRAIN_LOG
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import compare_report as report  # noqa: E402
+import fairseq_logs as logs  # noqa: E402
 import quality  # noqa: E402
 import quality_cells  # noqa: E402
 import quality_report  # noqa: E402
 
 pytestmark = pytest.mark.cli
 
-ROUTERS = routers_available()
-MODELS = ["dense", "rdrop", "thor2", "thor4", *(["switch", "hash"] if ROUTERS else [])]
+
+MODELS = ["dense", "rdrop", "thor2", "thor4", "switch", "hash"]
 PLAN = ",".join(f"{m}:{2 if m in ('dense', 'thor2') else 1}" for m in MODELS)
 FAILING = MODELS[-1]  # given a flag fairseq-train rejects in the first run only
 
@@ -136,7 +136,7 @@ def test_plan_runs_seed_by_seed_with_dense_first():
 
 
 def test_train_time_per_update_sums_train_inner_train_wall():
-    assert report.train_seconds_by_update(TRAIN_LOG) == {10: 10.0, 20: 19.0}
+    assert logs.train_seconds_by_update(TRAIN_LOG) == {10: 10.0, 20: 19.0}
 
 
 def cell(model, seed, checkpoints, two_pass=True, **extra):

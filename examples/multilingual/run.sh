@@ -6,6 +6,8 @@
 # Every knob is an environment variable; the defaults take about 34 minutes on 2 CPU cores (README.md):
 set -euo pipefail
 export PYTHONUNBUFFERED=1  # show fairseq's progress as it happens, not when a pipe buffer fills
+# fairscale's import-time deprecation warnings (4 lines before anything else; fairseq_thor/compat.py)
+export PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}ignore::FutureWarning:fairscale.experimental.nn.offload"
 cd "$(dirname "$0")/../.."
 
 WORK=${WORK:-work/multilingual}          # everything the recipe writes goes here

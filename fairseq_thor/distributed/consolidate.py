@@ -64,7 +64,7 @@ def load_any(path: str):
         _, shared, ranks = shards.read_shards(path)
         return shards.consolidate(shared, ranks), shared["expert_parallel"]
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint (nor {shards.rank_path(prefix, 0)})")
+        raise ThorError(f"{path}: no such checkpoint (nor {shards.rank_path(prefix, 0)})")
     state = shards.load(path)
     if model_option(state, "expert_parallel"):
         raise ThorError(f"{path} is one rank's file of a sharded checkpoint but its shared file "

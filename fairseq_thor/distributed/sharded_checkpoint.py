@@ -36,6 +36,11 @@ def checkpoint_prefix(path: str) -> str:
     return path[: -len(".pt")] if path.endswith(".pt") else path
 
 
+def is_shard_file(path: str) -> bool:
+    """Whether ``path`` is named as one file of a sharded save (``-rank-R.pt``, ``-shared.pt``)."""
+    return bool(_SHARD_FILE.match(path))
+
+
 def rank_path(prefix: str, rank: int) -> str:
     return f"{prefix}-rank-{rank}.pt"
 
@@ -417,7 +422,7 @@ def shared_for(prefix: str, rank_state: dict) -> dict:
             shared = load(path)
             if shared.get("expert_parallel", {}).get("fingerprint") == meta["fingerprint"]:
                 return shared
-    raise FileNotFoundError(
+    raise ThorError(
         f"no shared file from the same save as {rank_path(prefix, meta.get('rank', 0))} "
         f"(looked for {' and '.join(sorted(set(candidates)))}): the checkpoint is incomplete"
     )
@@ -427,7 +432,12 @@ def read_shards(path: str) -> Tuple[str, dict, List[dict]]:
     """All files of the sharded checkpoint ``path`` names (any of its files, or its prefix)."""
     prefix = checkpoint_prefix(path)
     if not os.path.isfile(rank_path(prefix, 0)):
-        raise FileNotFoundError(
+        if os.path.isfile(path) and not is_shard_file(path):
+            checkpoint_files.verify(path)  # a damaged file is refused as such, like every input
+            raise ThorError(f"{path} is a one-process checkpoint, not an expert-sharded one (no "
+                            f"{os.path.basename(rank_path(prefix, 0))} beside it): it needs no "
+                            f"consolidation; decode it with --path {path} or resume it with --restore-file")
+        raise ThorError(
             f"{rank_path(prefix, 0)} not found: expected an expert-sharded checkpoint "
             f"(<name>-rank-<R>.pt for every rank, and <name>-shared.pt)"
         )
@@ -436,7 +446,7 @@ def read_shards(path: str) -> Tuple[str, dict, List[dict]]:
     world_size = shared["expert_parallel"]["world_size"]
     missing = [rank_path(prefix, r) for r in range(world_size) if not os.path.isfile(rank_path(prefix, r))]
     if missing:
-        raise FileNotFoundError(f"the checkpoint was saved by {world_size} ranks but these files are "
+        raise ThorError(f"the checkpoint was saved by {world_size} ranks but these files are "
                                 f"missing: {', '.join(missing)}")
     ranks = [first] + [load(rank_path(prefix, r)) for r in range(1, world_size)]
     for r, rank_state in enumerate(ranks):

@@ -127,6 +127,21 @@ class ExpertLinear(nn.Module):
         return self._merged_cache[1], self._merged_cache[2]
 
 
+def expert_parameter_summary(model: nn.Module) -> Optional[str]:
+    """One line on the model's expert banks (None without any), for the training log: fairseq's
+    own ``num. expert model params`` counts only parameters tagged for expert parallelism, so it
+    reads 0 for every one-process model."""
+    banks = [m for m in model.modules() if isinstance(m, ExpertLinear)]
+    if not banks:
+        return None
+    total = sum(p.numel() for bank in banks for p in bank.parameters())
+    experts = sorted({bank.num_experts for bank in banks})
+    per_expert = sum(p[0].numel() for bank in banks for p in (bank.weight, bank.bias))
+    return (f"num. THOR expert FFN params: {total:,} in {len(banks) // 2} expert layers of "
+            f"{'/'.join(map(str, experts))} experts ({per_expert:,} in one expert of every layer; "
+            f"fairseq's 'num. expert model params' counts only expert-parallel shards)")
+
+
 @contextmanager
 def routed(route: Route, *banks: ExpertLinear):
     """Hand ``route`` to the expert banks of one FFN for the duration of one layer call."""

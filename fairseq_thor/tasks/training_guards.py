@@ -11,6 +11,8 @@
   --consistency-alpha 5``. Here the term belongs to ``--criterion thor_consistency``, and such a
   command would silently train without it: refuse it, naming the criterion to use.
 * ``--fuse-passes`` where the copies would share a draw is refused before training starts.
+* The training log counts the expert FFN parameters (fairseq's own count reads 0 outside expert
+  parallelism).
 """
 import logging
 import sys
@@ -19,6 +21,7 @@ import torch
 
 from ..criterions.thor_consistency import ThorConsistencyCriterion, check_fusable
 from ..errors import ThorError
+from ..modules.experts import expert_parameter_summary
 from ..shared_flags import DEFAULT_CONSISTENCY_ALPHA
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,9 @@ class TrainingGuards:
             self._max_update = getattr(cfg, "max_update", 0) or 0
         model = super().build_model(cfg, from_checkpoint)
         self._model_for_checks = model
+        summary = None if from_checkpoint else expert_parameter_summary(model)
+        if summary:
+            logger.info(summary)
         return model
 
     def build_criterion(self, cfg, *args, **kwargs):  # legacy tasks take no from_checkpoint

@@ -10,7 +10,9 @@
   ``--consistency-alpha-warmup-updates`` needs it): see ``PassUpdateNumToCriterion``.
 * Training commands get the checks of ``training_guards`` (a finished run is not extended,
   ``--fp16`` needs CUDA, ``--consistency-alpha`` needs ``--criterion thor_consistency``).
-* An empty split is refused with its name and files (``empty_splits``).
+* An empty split is refused with its name and files (``empty_splits``), a data folder without its
+  dictionaries with the missing names (``dictionaries``), and an evaluation split with a sentence
+  longer than the model's positions with its sentences (``overlong_sentences``).
 * With ``--inference-routing path`` evaluation and decoding batches are grouped by the sentences'
   expert, so decoding costs one FFN per layer (``expert_grouped_batches``).
 * A resumed training run trains on the batches an uninterrupted one would (``resumable_batches``).
@@ -25,9 +27,11 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from ..shared_flags import add_dataclass_args_once
+from .dictionaries import refuse_missing_dictionaries
 from .empty_splits import refuse_empty_split
 from .expert_grouped_batches import ExpertGroupedBatches
 from .keyed_draws import SentenceKeyedDraws
+from .overlong_sentences import refuse_overlong
 from .resumable_batches import BatchesAsIfFromEpochOne
 from .thor_flags import ThorTaskFlags, build_with_thor_flags
 from .training_guards import TrainingGuards
@@ -70,8 +74,16 @@ class ThorTranslationTask(TrainingGuards, SentenceKeyedDraws, ExpertGroupedBatch
         refuse_empty_split(self.cfg.data, split, [f"{src}-{tgt}"] if src and tgt else None)
         return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
 
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        refuse_missing_dictionaries(cfg)  # before fairseq opens them (a FileNotFoundError traceback)
+        return super().setup_task(cfg, **kwargs)
+
     def get_batch_iterator(self, dataset, **kwargs):
         if dataset is not self.datasets.get(self.cfg.train_subset):
+            if not kwargs.get("ignore_invalid_inputs"):
+                split = next((name for name, d in self.datasets.items() if d is dataset), "evaluation")
+                refuse_overlong(dataset, kwargs.get("max_positions"), split)
             kwargs["required_batch_size_multiple"] = 1  # evaluate every sentence (see docstring)
             dataset = self.grouped_by_path_expert(dataset)
         return super().get_batch_iterator(dataset, **kwargs)
