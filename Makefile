@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "torch==2.13.0" cython numpy setuptools wheel
 	$(VPY) -m pip install -q --no-build-isolation "fairseq-fixed==0.12.3.1"
-	$(VPY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(VPY) -m pip install -q --no-build-isolation -e ".[test,serve]"
 	touch $(STAMP)
 
 demo: venv

@@ -34,6 +34,9 @@ setup(
         "test": ["pytest>=7", "sacremoses>=0.2", "subword-nmt>=0.3.8", "matplotlib>=3.5"],
         "recipes": ["sacremoses>=0.2", "subword-nmt>=0.3.8"],  # examples/iwslt14_de_en, wmt16_en_de
         "bench": ["matplotlib>=3.5"],
+        # fairseq-thor-export-ctranslate2 and fairseq_thor.serving.translator; 4.x reads fairseq
+        # checkpoints with torch's safe loader (the plugin allow-lists what they hold)
+        "serve": ["ctranslate2>=4.0,<5"],
     },
     entry_points={
         "console_scripts": [
@@ -42,6 +45,7 @@ setup(
             "fairseq-thor-consolidate=fairseq_thor.distributed.consolidate:consolidate_main",
             "fairseq-thor-reshard=fairseq_thor.distributed.consolidate:reshard_main",
             "fairseq-thor-export-dense=fairseq_thor.export_dense:main",
+            "fairseq-thor-export-ctranslate2=fairseq_thor.serving.ctranslate2_export:main",
             "fairseq-thor-average=fairseq_thor.average:main",
         ]
     },

@@ -1,8 +1,19 @@
-"""``fairseq-thor-export-dense IN --out OUT``: a THOR checkpoint as a plain fairseq transformer.
+"""``fairseq-thor-export-dense IN --out OUT [--expert K|best|merged]``: a THOR checkpoint as a plain
+fairseq transformer, to serve a model trained with experts at a dense model's cost.
 
-Each expert bank is replaced by the average of its experts' weights (what ``--inference-routing
-merged`` computes), so the result is an ordinary ``transformer`` with the same sizes, for tools that
-only know dense transformers. The file loads in stock fairseq with no ``--user-dir``:
+What replaces each expert bank (``fc1``/``fc2`` of shape ``(E, ...)``):
+
+* ``--expert K`` (default 0): expert K's weights. The result computes exactly what THOR computes
+  with ``--inference-routing fixed --inference-expert K``; the consistency term trains every expert
+  to agree with the others, so one expert keeps the model's quality (README, "Serving": every single
+  expert decoded within a few tenths of BLEU of THOR's own random routing on the study's checkpoints).
+* ``--expert best``: the expert with the lowest validation loss, measured on ``--data-dir``'s valid
+  split (each expert's loss is printed);
+* ``--expert merged``: the average of the experts' weights (``--inference-routing merged``). The
+  experts' hidden units are not aligned with each other, so averaging them is not averaging
+  functions: it lost 5.5 BLEU on make demo's model. Kept by name for comparison.
+
+The file loads in stock fairseq with no ``--user-dir``:
 
 * model, task and criterion names become fairseq's own (``translation_thor`` -> ``translation``,
   ``thor_consistency`` -> ``label_smoothed_cross_entropy``) and THOR-only options are dropped;
@@ -10,9 +21,10 @@ only know dense transformers. The file loads in stock fairseq with no ``--user-d
   reads it without the plugin's allow-list;
 * optimizer state is dropped (it belongs to the expert parameters).
 
-IN may be a one-process THOR checkpoint or any file of an expert-sharded one. Models with a gate
-(``--expert-router switch|gshard|hash``) are refused: their gate chooses between the experts, so
-the average is not the model, and stock fairseq could not load the gate's weights.
+IN may be a one-process THOR checkpoint or any file of an expert-sharded one (CRC-checked); OUT is
+written atomically. Models with a gate (``--expert-router switch|gshard|hash``) are refused: their
+gate chooses between the experts, so no single expert nor their average is the model, and stock
+fairseq could not load the gate's weights.
 """
 import argparse
 import dataclasses
@@ -25,6 +37,7 @@ from fairseq.tasks.translation import TranslationConfig
 from . import compat
 from .distributed.consolidate import as_dict, load_any
 from .errors import ThorError
+from .expert_validation import expert_valid_losses
 
 STOCK_TASKS = {"translation_thor": "translation",
                "translation_multi_simple_epoch_thor": "translation_multi_simple_epoch"}
@@ -32,8 +45,26 @@ THOR_TASK_OPTIONS = {"inference_routing", "inference_expert", "inference_level",
                      "consistency_alpha"}
 
 
-def merged_model(model: dict, expert_tensors) -> dict:
-    return {k: (v.mean(dim=0) if k in expert_tensors else v) for k, v in model.items()}
+MERGED, BEST = "merged", "best"
+
+
+def dense_weights(model: dict, expert_tensors, expert) -> dict:
+    """``model`` with every expert bank replaced by expert ``expert``'s weights, or by the experts'
+    mean for ``"merged"``."""
+    if expert == MERGED:
+        return {k: (v.mean(dim=0) if k in expert_tensors else v) for k, v in model.items()}
+    return {k: (v[expert].clone() if k in expert_tensors else v) for k, v in model.items()}
+
+
+def parse_expert(value: str, num_experts: int):
+    """``--expert``'s value: an expert index, ``best`` or ``merged``; anything else is refused with
+    the valid choices."""
+    if value in (MERGED, BEST):
+        return value
+    if value.isdigit() and int(value) < num_experts:
+        return int(value)
+    raise ThorError(f"--expert {value}: expected an expert index 0..{num_experts - 1}, 'best' (the lowest "
+                    f"validation loss, needs --data-dir) or 'merged' (the experts' average)")
 
 
 def dense_model_config(model_cfg) -> dict:
@@ -70,7 +101,9 @@ def refuse_gated_routers(model_cfg):
             f"decode a {router} model with --user-dir fairseq_thor")
 
 
-def export(state: dict, expert_tensors) -> dict:
+def export(state: dict, expert_tensors, expert=0) -> dict:
+    """The dense checkpoint of ``state`` with ``expert`` (an index or ``"merged"``) in place of
+    every expert bank."""
     refuse_gated_routers(state["cfg"]["model"])
     cfg = dict(state["cfg"])
     cfg["model"] = dense_model_config(cfg["model"])
@@ -88,7 +121,7 @@ def export(state: dict, expert_tensors) -> dict:
     return {
         "args": None,
         "cfg": cfg,
-        "model": merged_model(state["model"], set(expert_tensors)),
+        "model": dense_weights(state["model"], set(expert_tensors), expert),
         "optimizer_history": [{k: v for k, v in h.items() if k != "optimizer_state"}
                               for h in state.get("optimizer_history", [])],
         "extra_state": {k: v for k, v in state.get("extra_state", {}).items()
@@ -101,13 +134,30 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="THOR checkpoint (one-process, or any file of a sharded one)")
     parser.add_argument("--out", required=True, help="the dense fairseq transformer checkpoint to write")
+    parser.add_argument("--expert", default="0",
+                        help="K (expert K of every bank; default 0), best (lowest validation loss on "
+                             "--data-dir) or merged (the experts' average)")
+    parser.add_argument("--data-dir", help="binarized data whose valid split --expert best scores")
     args = parser.parse_args(argv)
     compat.allow_fairseq_checkpoint_globals()
     state, meta = load_any(args.checkpoint)
-    dense = export(state, meta["expert_tensors"])
-    checkpoint_utils.torch_persistent_save(dense, args.out)
-    print(f"wrote {args.out}: arch {dense['cfg']['model']['arch']}, "
-          f"{len(meta['expert_tensors']) // 2} expert banks of {meta['num_experts']} merged")
+    refuse_gated_routers(state["cfg"]["model"])
+    expert = parse_expert(args.expert, meta["num_experts"])
+    chosen = ""
+    if expert == BEST:
+        if not args.data_dir:
+            raise ThorError("--expert best scores each expert on a validation split: give --data-dir "
+                            "(the fairseq-preprocess folder the model was trained on)")
+        losses = expert_valid_losses(state, args.data_dir)
+        expert = min(range(len(losses)), key=lambda k: losses[k])
+        chosen = (" (validation nll per expert: " + ", ".join(f"{k}: {loss:.4f}" for k, loss in enumerate(losses))
+                  + ")")
+    dense = export(state, meta["expert_tensors"], expert)
+    checkpoint_utils.torch_persistent_save(dense, args.out)  # atomic: temporary file, then rename
+    what = "the experts' average" if expert == MERGED else f"expert {expert}"
+    layers = sum(1 for name in meta["expert_tensors"] if name.endswith("fc1.weight"))
+    print(f"wrote {args.out}: arch {dense['cfg']['model']['arch']}, {what} in each of {layers} expert "
+          f"layers ({meta['num_experts']} experts){chosen}")
 
 
 if __name__ == "__main__":

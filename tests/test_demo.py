@@ -82,6 +82,16 @@ def test_demo_runs_end_to_end_and_decodes_every_test_sentence(tmp_path):
     bleu = [line for line in out.splitlines() if line.strip().startswith("BLEU  =")]
     assert len(bleu) == 1 and float(bleu[0].split("=")[1]) >= 0
     assert out.count("    HYP: ") == 5
+    # the two ways to translate your own sentences that the demo prints work as printed
+    printed = out[out.index("==> translate your own sentences"):].splitlines()[1:]
+    command_lines = [line.strip() for line in printed if line.startswith("    ")]
+    interactive = " ".join(line.rstrip("\\").strip() for line in command_lines[:2])
+    python = "\n".join(command_lines[2:6])
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    for command in (interactive, python):
+        proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+        assert proc.returncode == 0, command + "\n" + proc.stderr[-2000:]
+        assert proc.stdout.strip(), command  # a translation (quality is not the point at toy size)
 
 
 @pytest.mark.cli

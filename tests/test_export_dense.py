@@ -3,7 +3,7 @@ import pytest
 
 from conftest import build_model, parse_model_args
 from fairseq_thor.errors import ThorError
-from fairseq_thor.export_dense import export
+from fairseq_thor.export_dense import export, parse_expert
 
 
 @pytest.mark.parametrize("router", ["switch", "gshard", "hash"])
@@ -15,12 +15,29 @@ def test_gated_routers_are_refused_with_the_reason(router):
         export(state, [k for k, v in state["model"].items() if v.dim() == 3])
 
 
-def test_a_thor_model_exports_with_its_experts_averaged():
-    model = build_model("thor_transformer", ["--num-experts", "4"])
-    state = {"cfg": {"model": parse_model_args("thor_transformer", ["--num-experts", "4"]), "task": {"_name": "translation_thor"}}, "model": model.state_dict()}
-    experts = [k for k, v in state["model"].items() if v.dim() == 3]
-    dense = export(state, experts)
+def thor_state(num_experts=4):
+    flags = ["--num-experts", str(num_experts)]
+    model = build_model("thor_transformer", flags)
+    state = {"cfg": {"model": parse_model_args("thor_transformer", flags), "task": {"_name": "translation_thor"}},
+             "model": model.state_dict()}
+    banks = [k for k, v in state["model"].items() if k.endswith(("fc1.weight", "fc2.weight")) and v.dim() == 3]
+    return state, banks + [k[: -len("weight")] + "bias" for k in banks]
+
+
+@pytest.mark.parametrize("expert", [0, 3, "merged"])
+def test_a_thor_model_exports_one_expert_or_the_average(expert):
+    state, experts = thor_state()
+    dense = export(state, experts, expert)
     assert dense["cfg"]["model"]["arch"] == "transformer" and "num_experts" not in dense["cfg"]["model"]
     for name in experts:
-        assert dense["model"][name].shape == state["model"][name].shape[1:]
-        assert dense["model"][name].equal(state["model"][name].mean(dim=0))
+        bank = state["model"][name]
+        assert dense["model"][name].shape == bank.shape[1:]
+        assert dense["model"][name].equal(bank.mean(dim=0) if expert == "merged" else bank[expert])
+    others = set(state["model"]) - set(experts)
+    assert all(dense["model"][name].equal(state["model"][name]) for name in others)
+
+
+@pytest.mark.parametrize("value", ["4", "-1", "one", ""])
+def test_an_expert_outside_the_bank_is_refused_with_the_choices(value):
+    with pytest.raises(ThorError, match=rf"--expert {value}: expected an expert index 0\.\.3, 'best'"):
+        parse_expert(value, 4)

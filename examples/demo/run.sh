@@ -108,4 +108,11 @@ printf '\n==> five sample translations\n'
 paste "$OUT/src.txt" "$OUT/ref.txt" "$OUT/hyp.txt" | awk -F'\t' 'NR % 97 == 1 && n < 5 {n++;
   printf "    SRC: %s\n    REF: %s\n    HYP: %s\n\n", $1, $2, $3}'
 echo "outputs: $OUT (hyp.txt, ref.txt, test.log), checkpoints: $CKPT, training log: $WORK/train.log"
+printf '\n==> translate your own sentences with this model (README, "Serving")\n'
+echo "    fairseq-interactive $BIN --user-dir fairseq_thor --task translation_thor --path $CKPT/checkpoint_last.pt \\"
+echo "        --beam 5 --bpe sentencepiece --sentencepiece-model $SPM/spm.model <<< \"Die Datei wurde nicht gefunden.\""
+echo "    python -c 'from fairseq_thor.models.thor_transformer import ThorTransformerModel as M; \\"
+echo "        m = M.from_pretrained(\"$CKPT\", checkpoint_file=\"checkpoint_last.pt\", data_name_or_path=\"$BIN\", \\"
+echo "        bpe=\"sentencepiece\", sentencepiece_model=\"$SPM/spm.model\", user_dir=\"fairseq_thor\"); \\"
+echo "        print(m.translate([\"Die Datei wurde nicht gefunden.\"], beam=5)[0])'"
 echo "total time: $(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s"

@@ -18,7 +18,9 @@ MAX_TRAIN_PAIRS=${MAX_TRAIN_PAIRS:-0}    # cap per bitext (0: all, ~20-55k for X
 MAX_VALID_PAIRS=${MAX_VALID_PAIRS:-100}  # cap per bitext; validation loss runs inside the training time
 MAX_TEST_PAIRS=${MAX_TEST_PAIRS:-200}    # cap per bitext; decoding time grows with it
 VOCAB=${VOCAB:-8000}                     # joint sentencepiece vocabulary, all languages
-MODELS=${MODELS:-thor dense}             # thor and/or dense (same sizes, --num-experts 1, plain label-smoothed CE)
+MODELS=${MODELS:-thor dense}             # any of thor, dense (--num-experts 1, plain label-smoothed CE),
+                                         # switch, hash (gated baselines, GATED_EXPERTS experts; same sizes)
+GATED_EXPERTS=${GATED_EXPERTS:-4}        # experts of switch and hash (the quality study's E)
 TRAIN_MINUTES=${TRAIN_MINUTES:-28}       # wall-clock bound per model (fairseq --stop-time-hours)
 MAX_UPDATE=${MAX_UPDATE:-1000}           # update bound per model (whichever comes first)
 LAYERS=${LAYERS:-3}                      # encoder and decoder layers each
@@ -49,10 +51,13 @@ model_args() {
     thor)  echo "--num-experts $NUM_EXPERTS --expert-routing $ROUTING --inference-routing $INFERENCE
                  --criterion thor_consistency --consistency-alpha $ALPHA" ;;
     dense) echo "--num-experts 1 --criterion label_smoothed_cross_entropy" ;;
+    switch|hash) echo "--num-experts $GATED_EXPERTS --expert-router $1 --capacity-factor 1.0
+                 --criterion moe_label_smoothed_cross_entropy --moe-aux-loss-weight 0.01" ;;
   esac
 }
 for model in $MODELS; do
-  [ -n "$(model_args "$model")" ] || { echo "error: MODELS='$MODELS': '$model' is not thor or dense" >&2; exit 1; }
+  [ -n "$(model_args "$model")" ] || {
+    echo "error: MODELS='$MODELS': '$model' is not one of thor, dense, switch, hash" >&2; exit 1; }
 done
 
 RAW=$WORK/raw SPM=$WORK/spm BIN=$WORK/data-bin CKPT=$WORK/checkpoints OUT=$WORK/generate
@@ -112,11 +117,11 @@ TASK_ARGS=(--user-dir fairseq_thor --task translation_multi_simple_epoch_thor
 
 for model in $MODELS; do
   rm -rf "${CKPT:?}/$model"  # a rerun trains afresh instead of resuming a finished run
-  if [ "$model" = thor ]; then
-    what="THOR (E=$NUM_EXPERTS, alpha=$ALPHA, $ROUTING routing)"
-  else
-    what="the dense transformer (--num-experts 1, label-smoothed cross-entropy)"
-  fi
+  case $model in
+    thor) what="THOR (E=$NUM_EXPERTS, alpha=$ALPHA, $ROUTING routing)" ;;
+    dense) what="the dense transformer (--num-experts 1, label-smoothed cross-entropy)" ;;
+    *) what="$model (E=$GATED_EXPERTS, a gated baseline, capacity factor 1.0)" ;;
+  esac
   step "4/6 training $what for at most $TRAIN_MINUTES min / $MAX_UPDATE updates"
   # the recipe of examples/demo, chosen there by measurement (pre-norm, lr 2e-3, warmup 200, no clip)
   # shellcheck disable=SC2046  # model_args is a list of flags
