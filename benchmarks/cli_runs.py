@@ -126,20 +126,23 @@ def model_flags(args, num_experts: int) -> list:
             "--encoder-attention-heads", H, "--decoder-attention-heads", H, "--num-experts", num_experts]
 
 
-def generate_command(args, checkpoint: str) -> list:
+def generate_command(args, checkpoint: str, extra=(), plugin: bool = True) -> list:
+    """fairseq-generate on the test split, beam 5; ``plugin=False``: stock fairseq (a dense export),
+    which needs ``--required-batch-size-multiple 1`` to decode every sentence."""
+    task = ["--user-dir", USER_DIR, "--task", "translation_thor"] if plugin else ["--required-batch-size-multiple", "1"]
     return [str(arg) for arg in [
-        os.path.join(BIN, "fairseq-generate"), args.data, "--user-dir", USER_DIR, *args.device_flags,
-        "--task", "translation_thor", "--path", checkpoint, "--gen-subset", "test", "--beam", "5",
+        os.path.join(BIN, "fairseq-generate"), args.data, *task, *args.device_flags,
+        "--path", checkpoint, "--gen-subset", "test", "--beam", "5",
         "--max-tokens", "8000", "--max-len-a", "1.5", "--max-len-b", "10", "--seed", args.seed,
-        *(["--remove-bpe", args.remove_bpe] if args.remove_bpe != "none" else []),
+        *(["--remove-bpe", args.remove_bpe] if args.remove_bpe != "none" else []), *extra,
     ]]
 
 
-def decode(args, checkpoint: str, log_path: str, env: dict) -> dict:
+def decode(args, checkpoint: str, log_path: str, env: dict, extra=(), plugin: bool = True) -> dict:
     """Decode the test split with beam 5 and score it with detokenized sacreBLEU (BLEU, chrF2)
     against ``args.reference_file`` or fairseq's ``T-`` lines; raises unless every test sentence
     has a hypothesis."""
-    cmd = generate_command(args, checkpoint)
+    cmd = generate_command(args, checkpoint, extra, plugin)
     decoded = logs.parse_generate_log(run(cmd, log_path, env=env))
     hypotheses, references = decoded.pop("hypotheses"), decoded.pop("references")
     expected = count_sentences(args.data)

@@ -31,7 +31,7 @@ import shutil
 import time
 from typing import Dict, List, Optional
 
-import fairseq_logs as logs
+import fairseq_logs
 from cli_runs import BIN, USER_DIR, count_params, decode, run
 from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, recipe, started_cell, train_command,
                            write_atomic)
@@ -81,7 +81,7 @@ def progress_across_attempts(logs: List[str]) -> Dict[int, dict]:
         merged = {u: stats for u, stats in merged.items() if u <= start}
         for line in text.splitlines():
             if " | train_inner | " in line:
-                stats = logs.comma_stats(line)
+                stats = fairseq_logs.comma_stats(line)
                 if "num_updates" in stats:
                     merged[int(stats["num_updates"])] = stats
     return dict(sorted(merged.items()))
@@ -114,7 +114,7 @@ def valid_curve(logs: List[str], seconds: Dict[int, float]) -> List[dict]:
     for text in logs:  # a redone update's line replaces the one before the kill
         for line in text.splitlines():
             if "valid on 'valid' subset" in line:
-                stats = logs.pipe_stats(line, "valid on 'valid' subset")
+                stats = fairseq_logs.pipe_stats(line, "valid on 'valid' subset")
                 if "num_updates" in stats:
                     u = int(stats["num_updates"])
                     points[u] = {"updates": u, "train_s": seconds.get(u), "loss": stats.get("loss"),
@@ -206,19 +206,19 @@ def train(args, cell: dict, work: str, env: dict) -> List[str]:
         number = len(attempt_logs(work)) + 1
         cmd = cell["train_command"] = converge_command(args, cell["model"], cell["seed"],
                                                        os.path.join(work, "checkpoints"))
-        run(cmd, os.path.join(work, f"train-{number}.log"), echo=logs.progress, env=env)
+        run(cmd, os.path.join(work, f"train-{number}.log"), echo=fairseq_logs.progress, env=env)
         write_atomic(finished, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     return [open(p, encoding="utf-8").read() for p in attempt_logs(work)]
 
 
 def train_and_score(args, cell: dict, work: str, env: dict):
     name, seed = cell["model"], cell["seed"]
-    logs = train(args, cell, work, env)
+    logs = train(args, cell, work, env)  # one text per attempt
     save_dir = os.path.join(work, "checkpoints")
     seconds = seconds_across_attempts(logs)
     curve = valid_curve(logs, seconds)
-    trained = [logs.parse_train_log(t) for t in logs if " | train_inner | " in t]
-    last = trained[-1] if trained else logs.parse_train_log(logs[-1])  # params, last statistics
+    trained = [fairseq_logs.parse_train_log(t) for t in logs if " | train_inner | " in t]
+    last = trained[-1] if trained else fairseq_logs.parse_train_log(logs[-1])  # params, last statistics
     updates = max(seconds)
     saved = update_checkpoints(save_dir)
     if not curve or not saved:

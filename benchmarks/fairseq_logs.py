@@ -124,6 +124,7 @@ def parse_generate_log(text: str) -> dict:
         "hypotheses": in_sentence_order(text, "H"),
         "references": in_sentence_order(text, "T"),
         "sentences": int(_number(speed.group(1))) if speed else None,
+        "decode_s": _number(speed.group(3)) if speed else None,  # fairseq's timer: generation only
         "decode_tokens_per_s": _number(speed.group(5)) if speed else None,
     }
 

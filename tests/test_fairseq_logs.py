@@ -60,7 +60,7 @@ def test_generate_log_parser():
     parsed = logs.parse_generate_log(GENERATE_LOG)
     assert parsed["hypotheses"] == ["the first", "the second one"]
     assert parsed["references"] == ["the first", "the second"]
-    assert parsed["sentences"] == 2 and parsed["decode_tokens_per_s"] == 1275.33
+    assert parsed["sentences"] == 2 and parsed["decode_tokens_per_s"] == 1275.33 and parsed["decode_s"] == 4.6
 
 
 def test_scores_report_the_brevity_penalty_and_length_ratio():
