@@ -193,3 +193,19 @@ def test_the_readme_hub_snippet_and_fairseq_interactive_translate(toy, tmp_path)
     interactive = hypotheses(out)
     assert sorted(interactive) == [0, 1] and all(re.fullmatch(r"(t\d+ ?)+", h) for _, h in interactive.values())
     assert os.path.isfile(os.path.join(BIN, "fairseq-interactive"))
+
+
+def test_the_inference_modes_benchmark_scores_every_mode_and_checks_the_export(toy, tmp_path):
+    out = tmp_path / "modes"
+    proc = subprocess.run([sys.executable, "benchmarks/inference_modes.py", "--data", toy["data"], "--remove-bpe",
+                           "none", "--checkpoint", f"toy={toy['ckpt']}", "--threads", "1", "--out", out],
+                          cwd=REPO, text=True, capture_output=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    cell = json.loads((out / "modes.json").read_text())["checkpoints"]["toy"]
+    expected = {"sentence", "token", "path", "mean", "merged", "export-0 (stock fairseq)",
+                *(f"fixed-{k}" for k in range(NUM_EXPERTS))}
+    assert set(cell["modes"]) == expected and cell["num_experts"] == NUM_EXPERTS
+    assert all(row["sentences"] == 13 and row["decode_s"] >= 0 for row in cell["modes"].values())
+    assert cell["export_equals_fixed_0"] is True
+    assert cell["modes"]["export-0 (stock fairseq)"]["bleu"] == cell["modes"]["fixed-0"]["bleu"]
+    assert "| fixed-2 |" in (out / "modes.md").read_text()
