@@ -34,9 +34,15 @@ def parameters(path):
 def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(data, tmp_path):
     # the toy epoch is ~3 updates, so update 10 is inside epoch 4: fairseq-fixed alone would rebuild
     # the batches with the seed of epoch 4 and every later update would see other sentence groupings
-    train(data, tmp_path / "whole", "--max-update", "16")
-    train(data, tmp_path / "parts", "--max-update", "10")
+    _, whole_log = train(data, tmp_path / "whole", "--max-update", "16")
+    _, first_log = train(data, tmp_path / "parts", "--max-update", "10")
     _, resumed = train(data, tmp_path / "parts", "--max-update", "16")
+    # epochs count one by one, in a fresh run and across the resume (the iterator fairseq caches
+    # between epochs is not touched: an earlier version advanced it twice per epoch)
+    epochs = [int(e) for e in re.findall(r"begin training epoch (\d+)", whole_log)]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 4, epochs
+    parts = [int(e) for e in re.findall(r"begin training epoch (\d+)", first_log + resumed)]
+    assert sorted(set(parts)) == epochs, (parts, epochs)  # the resumed epoch begins again, mid-way
     assert re.search(r"\(epoch ([2-9]|\d\d) @ 10 updates\)", resumed), resumed[-3000:]  # resumed mid-run
     whole, parts = parameters(tmp_path / "whole" / "checkpoint_last.pt"), parameters(tmp_path / "parts" / "checkpoint_last.pt")
     assert whole.keys() == parts.keys()
