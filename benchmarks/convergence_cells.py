@@ -231,14 +231,18 @@ def train_and_score(args, cell: dict, work: str, env: dict):
                 train_words_per_s=words_per_second(logs), total_params=last["total_params"], curve=curve,
                 train_last=last["train_last"])
     model = MODELS[name]
-    cell.update(count_params(saved[best_point["updates"]], cell["total_params"], model.experts or args.gated_experts, 1))
+    cell.update(count_params(saved[best_point["updates"]], cell["total_params"],
+                             model.experts or args.gated_experts, 1))
 
     seeded = _with_seed(args, seed)
     cell["best"] = scored(seeded, saved[best_point["updates"]], best_point, work, "best", env)
     averaged, chosen = average_checkpoints(args, save_dir, env)
     cell["averaged"] = {"checkpoints": chosen, **scored(seeded, averaged, {"updates": chosen[-1],
                         "train_s": seconds.get(chosen[-1])}, work, "averaged", env)}
-    budget = {"budget_s": cell["best"]["train_s"], "from": "its own best"} if name == "dense" else dense_budget(args, seed)
+    if name == "dense":
+        budget = {"budget_s": cell["best"]["train_s"], "from": "its own best"}
+    else:
+        budget = dense_budget(args, seed)
     if budget is None:
         cell["equal_time"] = {"missing": "no finished dense cell to take the time budget from"}
     else:

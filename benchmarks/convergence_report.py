@@ -102,7 +102,8 @@ def differences(models: dict) -> List[dict]:
 
 def best_thor(models: dict) -> Optional[str]:
     """The THOR row with the highest mean BLEU of its best checkpoints."""
-    scored = [(models[m]["best"]["bleu"]["mean"], m) for m in THOR_ROWS if m in models and models[m]["best"]["bleu"]["n"]]
+    scored = [(models[m]["best"]["bleu"]["mean"], m) for m in THOR_ROWS
+              if m in models and models[m]["best"]["bleu"]["n"]]
     return max(scored)[1] if scored else None
 
 
@@ -165,7 +166,8 @@ def markdown(result: dict) -> str:
     out += ["## Differences", "", "Beyond spread: |difference| > the sum of the two standard deviations "
             "(needs two seeds on both sides).", ""]
     verdict = {True: "yes", False: "no", None: "n/a"}
-    out += table(["difference", "view", *(f"{n} {col}" for n in METRICS.values() for col in ("Δ", "spread", "beyond"))],
+    columns = [f"{n} {col}" for n in METRICS.values() for col in ("Δ", "spread", "beyond")]
+    out += table(["difference", "view", *columns],
                  [[d["difference"], d["view"].replace("_", " "),
                    *(c for m in METRICS for c in (
                        (f"{d[m]['delta']:+.2f}", "—" if d[m]["spread"] is None else f"{d[m]['spread']:.2f}",

@@ -60,7 +60,8 @@ def decode_all(args, name: str, checkpoint: str, work: str, env: dict) -> dict:
     run([os.path.join(BIN, "fairseq-thor-export-dense"), checkpoint, "--out", export, "--expert", "0"],
         os.path.join(work, f"{name}-export.log"), env=env)
     rows["export-0 (stock fairseq)"] = scored("export-0", path=export, plugin=False)
-    same = hypotheses(os.path.join(work, f"{name}-export-0.log")) == hypotheses(os.path.join(work, f"{name}-fixed-0.log"))
+    same = (hypotheses(os.path.join(work, f"{name}-export-0.log"))
+            == hypotheses(os.path.join(work, f"{name}-fixed-0.log")))
     os.remove(export)
     return {"checkpoint": checkpoint, "num_experts": experts, "modes": rows, "export_equals_fixed_0": same}
 

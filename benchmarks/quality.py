@@ -51,7 +51,8 @@ import quality_report  # noqa: E402
 from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data_problem  # noqa: E402
 import convergence_report  # noqa: E402
 from convergence_cells import converge_recipe, run_converge_cell  # noqa: E402
-from quality_cells import MODELS, SETTINGS, cell_path, host_info, read_cell, recipe, recipe_change, run_cell  # noqa: E402
+from quality_cells import (MODELS, SETTINGS, cell_path, host_info, read_cell, recipe, recipe_change,  # noqa: E402
+                           run_cell)
 
 PLAN = "dense:3,rdrop:3,thor2:3,switch:3,thor4:1,hash:3"  # model:seeds (1..n)
 # make demo's recipe (examples/demo/README.md: chosen by measurement), run to 1,000 updates

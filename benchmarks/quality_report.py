@@ -178,7 +178,8 @@ def markdown(result: dict) -> str:
     out += [f"## {VIEWS['equal_time'].capitalize()}", "",
             "One-pass models (dense, Switch, hash) keep their final checkpoint.", ""]
     out += table(["model", "n", "BLEU", "chrF2", "updates", "train s"],
-                  [[m, str(v["equal_time"]["bleu"]["n"]), mean_std(v["equal_time"]["bleu"]), mean_std(v["equal_time"]["chrf"]),
+                  [[m, str(v["equal_time"]["bleu"]["n"]), mean_std(v["equal_time"]["bleu"]),
+                    mean_std(v["equal_time"]["chrf"]),
                     mean_std(v["equal_time"]["updates"], "{:.0f}"), mean_std(v["equal_time"]["train_s"], "{:.0f}")]
                    for m, v in models.items()])
     out += ["## Differences", "", "Beyond spread: |difference| > the sum of the two standard deviations "

@@ -194,7 +194,8 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.threads = [int(t) for t in args.threads.split(",")]
-    args.out = args.out or os.path.join(REPO, "benchmarks", "results", "serving-base.json" if args.base else "serving.json")
+    name = "serving-base.json" if args.base else "serving.json"
+    args.out = args.out or os.path.join(REPO, "benchmarks", "results", name)
     return args
 
 

@@ -56,13 +56,14 @@ def restore(checkpoint_cfg, extra_state: Optional[dict], updates: Optional[int] 
                     f"({'max' if maximize else 'min'}imized)")
         return
     counter.best, counter.num_runs = saved["best"], saved["num_runs"]
+    at = "" if updates is None else f" at update {updates}"
     if counter.num_runs >= checkpoint_cfg.patience:
-        logger.info(f"training already finished: it stopped early{'' if updates is None else f' at update {updates}'} (no better {metric} than "
+        logger.info(f"training already finished: it stopped early{at} (no better {metric} than "
                     f"{counter.best} in the last {counter.num_runs} validations, --patience "
                     f"{checkpoint_cfg.patience}); nothing to do (raise --patience to train further)")
         raise SystemExit(0)  # before any update, so no checkpoint is written
     logger.info(f"--patience resumed: best {metric} {counter.best}, {counter.num_runs} validation(s) "
-                f"without a better one{'' if updates is None else f' at update {updates}'}")
+                f"without a better one{at}")
 
 
 def _state_dict_with_patience(original):

@@ -6,8 +6,8 @@ message names the flag or file and says what is valid or what to do. fairseq's c
 catch exceptions, so a 20-line traceback would bury that one line; importing the plugin installs
 an exception hook that prints ``error: <message>`` for an uncaught ``ThorError`` (exit status 1),
 also when fairseq raised its own exception while handling one (its "Cannot load model parameters"
-around a model's refusal), and leaves every other exception to Python's usual report. ``FAIRSEQ_THOR_TRACEBACK=1`` restores
-the full traceback for debugging.
+around a model's refusal), and leaves every other exception to Python's usual report.
+``FAIRSEQ_THOR_TRACEBACK=1`` restores the full traceback for debugging.
 
 In a distributed run the hook writes the line itself, prefixed ``[rankN]: `` as torch's own hook
 would, and ends the process at once (``os._exit(1)``): left to the interpreter's shutdown, gloo's

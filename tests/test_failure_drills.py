@@ -68,7 +68,8 @@ def test_a_restore_file_that_names_nothing_stops_before_training_over_the_saves(
 def test_an_explicit_restore_file_that_exists_is_loaded(trained, tmp_path):
     save_dir = tmp_path / "ckpt"
     code, out = train_more(trained, "--restore-file", trained["ckpt"] / "checkpoint_1_2.pt", save_dir=save_dir)
-    assert code == 0 and re.search(r"Loaded checkpoint .*checkpoint_1_2\.pt \(epoch \d+ @ 2 updates\)", out), out[-2000:]
+    loaded = re.search(r"Loaded checkpoint .*checkpoint_1_2\.pt \(epoch \d+ @ 2 updates\)", out)
+    assert code == 0 and loaded, out[-2000:]
 
 
 def test_the_training_log_counts_the_expert_parameters(trained):
