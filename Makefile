@@ -30,6 +30,10 @@ bench: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/speed.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/expert_parallel.py
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/memory.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/serving.py --base
+	@if [ -s work/demo/checkpoints/checkpoint_last.pt ]; then \
+		PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/serving.py --checkpoint work/demo/checkpoints/checkpoint_last.pt; \
+	else echo "benchmarks/serving.py on make demo's model: skipped (run make demo first)"; fi
 
 clean-venv:
 	rm -rf $(VENV)

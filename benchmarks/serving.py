@@ -14,10 +14,11 @@ decoding alone (fairseq's own "Translated N sentences (M tokens) in Xs" timer; t
 target tokens/s (EOS included, as fairseq counts them), the speed-up over ``thor-path``, and with
 ``--references`` detokenized sacreBLEU.
 
-    python benchmarks/serving.py --checkpoint work/demo/checkpoints/checkpoint_last.pt \\
-        --data work/demo/data-bin-8000 --spm work/demo/spm-8000/spm.model \\
-        --source work/demo/raw/test.de --references work/demo/raw/test.en
-    python benchmarks/serving.py --base --data work/demo/data-bin-8000 --spm ... --source ...
+    python benchmarks/serving.py --checkpoint work/demo/checkpoints/checkpoint_last.pt   # make demo's model
+    python benchmarks/serving.py --base           # the base size (make bench runs both)
+
+Without ``--data`` the test split is make demo's (the gettext de->en corpus, built under ``--work``
+like the demo builds it: the same split and sentencepiece model).
 
 ``--base`` measures a base-size THOR model (d=512, FFN 2048, 8 heads, 6+6 layers, E=2) made by one
 training update on ``--data`` (its weights are close to random: speed only), decoded to a fixed
@@ -38,7 +39,7 @@ from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from cli_runs import BIN, USER_DIR, child_env, quiet_plugin_import, run, sacrebleu_scores  # noqa: E402
+from cli_runs import BIN, USER_DIR, build_corpus, child_env, quiet_plugin_import, run, sacrebleu_scores  # noqa: E402
 from fairseq_logs import parse_generate_log  # noqa: E402
 
 SYSTEMS = ["thor-path", "dense", "ct2-float32", "ct2-int8"]
@@ -173,10 +174,12 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a THOR checkpoint (not with --base)")
     p.add_argument("--base", action="store_true", help="a base-size model after one update (speed only)")
-    p.add_argument("--data", required=True, help="the fairseq-preprocess folder of the test split")
-    p.add_argument("--source", required=True, help="the test split's source text (raw, one sentence per line)")
+    p.add_argument("--data", help="the fairseq-preprocess folder of the test split (default: make demo's corpus, "
+                                  "built under --work, with its --source, --spm and --references)")
+    p.add_argument("--source", help="the test split's source text (raw, one sentence per line)")
     p.add_argument("--spm", help="the sentencepiece model the data was encoded with")
     p.add_argument("--references", help="raw target text: adds BLEU/chrF2")
+    p.add_argument("--work", default=os.path.join(REPO, "work", "serving"), help="where the default corpus goes")
     p.add_argument("--expert", default="0", help="the exports' --expert (default 0)")
     p.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per thread count; the median time is kept")
@@ -189,6 +192,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if bool(args.base) == bool(args.checkpoint):
         p.error("give --checkpoint or --base")
+    if args.data and not args.source:
+        p.error("--data needs --source (the raw test source text)")
+    if not args.data:  # make demo's gettext de->en corpus, 8k joint sentencepiece
+        corpus = argparse.Namespace(work=args.work, vocab=8000, src="de", tgt="en")
+        args.data = build_corpus(corpus)
+        raw = os.path.dirname(corpus.reference_file)
+        args.source, args.references = os.path.join(raw, "test.de"), corpus.reference_file
+        args.spm = os.path.join(args.work, "data", "spm-8000", "spm.model")
     fixed = dict(max_len_a=0.0, max_len_b=30, min_len=30) if args.base else dict(max_len_a=1.5, max_len_b=10, min_len=1)
     for key, value in fixed.items():
         if getattr(args, key) is None:

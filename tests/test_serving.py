@@ -209,3 +209,21 @@ def test_the_inference_modes_benchmark_scores_every_mode_and_checks_the_export(t
     assert cell["export_equals_fixed_0"] is True
     assert cell["modes"]["export-0 (stock fairseq)"]["bleu"] == cell["modes"]["fixed-0"]["bleu"]
     assert "| fixed-2 |" in (out / "modes.md").read_text()
+
+
+def test_the_serving_benchmark_measures_every_system_side_by_side(toy, tmp_path):
+    out = tmp_path / "serving.json"
+    raw = toy["root"] / "raw"
+    proc = subprocess.run([sys.executable, "benchmarks/serving.py", "--checkpoint", toy["ckpt"], "--data", toy["data"],
+                           "--source", raw / "test.src", "--references", raw / "test.tgt", "--threads", "1",
+                           "--rounds", "1", "--out", out], cwd=REPO, text=True, capture_output=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = json.loads(out.read_text())["results"]["1"]
+    assert set(rows) == {"thor-path", "dense", "ct2-float32", "ct2-int8"}
+    for row in rows.values():
+        assert row["sentences"] == 13 and row["target_tokens"] > 13 and row["tokens_per_s"] > 0
+        assert 0 <= row["bleu"] <= 100
+    assert rows["thor-path"]["speedup_tokens_per_s"] == 1.0
+    # the dense export and CTranslate2 float32 decode the same model the same way (no binding limit here)
+    assert rows["dense"]["bleu"] == rows["ct2-float32"]["bleu"]
+    assert "| 1 | ct2-int8 |" in proc.stdout
