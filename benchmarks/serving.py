@@ -11,7 +11,8 @@ At each thread count (1 and 2 by default) the systems run one after the other, t
 repeated ``--rounds`` times (the median is kept), so machine noise hits them alike. Measured: the
 decoding alone (fairseq's own "Translated N sentences (M tokens) in Xs" timer; the time of
 ``Translator.translate_tokens`` for CTranslate2; loading a model is not counted), as sentences/s and
-target tokens/s (EOS included, as fairseq counts them), the speed-up over ``thor-path``, and with
+target tokens/s (EOS included, as fairseq counts them), the speed-up over ``thor-path``, the share
+of hypotheses identical to stock fairseq-generate's on the dense export (parity), and with
 ``--references`` detokenized sacreBLEU.
 
     python benchmarks/serving.py --checkpoint work/demo/checkpoints/checkpoint_last.pt   # make demo's model
@@ -154,18 +155,23 @@ def summarize(runs: Dict[str, List[dict]], references) -> dict:
             row.update(sacrebleu_scores(first["hypotheses"], references))
         rows[name] = row
     base = rows["thor-path"]["tokens_per_s"]
-    for row in rows.values():
+    dense = runs["dense"][0]["hypotheses"]
+    for name, row in rows.items():
         row["speedup_tokens_per_s"] = round(row["tokens_per_s"] / base, 2)
+        # parity: the share of hypotheses that are exactly the stock fairseq-generate ones
+        same = sum(a == b for a, b in zip(runs[name][0]["hypotheses"], dense))
+        row["identical_to_dense"] = round(same / len(dense), 4)
     return rows
 
 
 def table(result: dict) -> str:
-    lines = ["| threads | system | sentences/s | target tokens/s | x thor-path | BLEU | chrF2 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| threads | system | sentences/s | target tokens/s | x thor-path | BLEU | chrF2 | same as dense |",
+             "|---|---|---|---|---|---|---|---|"]
     for threads, rows in result["results"].items():
         for name, r in rows.items():
             lines.append(f"| {threads} | {name} | {r['sentences_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
-                         f"{r['speedup_tokens_per_s']:.2f} | {r.get('bleu', '—')} | {r.get('chrf', '—')} |")
+                         f"{r['speedup_tokens_per_s']:.2f} | {r.get('bleu', '—')} | {r.get('chrf', '—')} | "
+                         f"{100 * r['identical_to_dense']:.1f}% |")
     return "\n".join(lines)
 
 

@@ -225,5 +225,5 @@ def test_the_serving_benchmark_measures_every_system_side_by_side(toy, tmp_path)
         assert 0 <= row["bleu"] <= 100
     assert rows["thor-path"]["speedup_tokens_per_s"] == 1.0
     # the dense export and CTranslate2 float32 decode the same model the same way (no binding limit here)
-    assert rows["dense"]["bleu"] == rows["ct2-float32"]["bleu"]
+    assert rows["dense"]["bleu"] == rows["ct2-float32"]["bleu"] and rows["ct2-float32"]["identical_to_dense"] == 1.0
     assert "| 1 | ct2-int8 |" in proc.stdout
