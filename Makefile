@@ -23,8 +23,13 @@ $(STAMP): setup.py
 demo: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/demo/run.sh
 
+# Two pytest workers (one test file each at a time, so a file's fixtures are built once), one torch
+# thread per process: the tests' toy trainings gain nothing from threads, and two workers with two
+# threads each would oversubscribe two cores. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: venv
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) -m pytest -q tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+		$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/speed.py

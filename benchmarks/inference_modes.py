@@ -126,6 +126,7 @@ def main(argv=None):
     result = json.load(open(path)) if os.path.exists(path) else {"checkpoints": {}}
     result.update(test_sentences=count_sentences(args.data), threads=args.threads)
     env = child_env(args.threads)
+    os.makedirs(os.path.join(REPO, "work"), exist_ok=True)  # absent in a fresh clone
     with tempfile.TemporaryDirectory(dir=os.path.join(REPO, "work")) as work:
         for name, checkpoint in checkpoints.items():
             print(f"==> {name}: {checkpoint}", flush=True)
