@@ -228,3 +228,20 @@ def test_the_serving_benchmark_measures_every_system_side_by_side(toy, tmp_path)
     # the dense export and CTranslate2 float32 decode the same model the same way (no binding limit here)
     assert rows["dense"]["bleu"] == rows["ct2-float32"]["bleu"] and rows["ct2-float32"]["identical_to_dense"] == 1.0
     assert "| 1 | ct2-int8 |" in proc.stdout
+
+
+def test_parallel_translators_give_the_same_hypotheses_in_input_order(toy, tmp_path):
+    from fairseq_thor.errors import ThorError
+    from fairseq_thor.serving.translator import Translator
+
+    model = tmp_path / "ct2"
+    # a length limit per source length: several groups, queued together on two translators
+    run("fairseq-thor-export-ctranslate2", toy["ckpt"], "--data-dir", toy["data"], "--out", model,
+        "--max-len-a", "1", "--max-len-b", "1")
+    sentences = (toy["root"] / "raw" / "train.src").read_text().splitlines()[:40]
+    assert len({len(s.split()) for s in sentences}) > 2
+    one = Translator(str(model), threads=1, max_batch_size=2).translate(sentences)
+    two = Translator(str(model), threads=2, max_batch_size=2).translate(sentences)
+    assert one == two and len(one) == len(sentences)
+    with pytest.raises(ThorError, match="threads must be >= 1"):
+        Translator(str(model), threads=0)

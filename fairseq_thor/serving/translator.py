@@ -23,8 +23,8 @@ from .decode_settings import DecodeSettings
 
 
 class Translator:
-    def __init__(self, model_dir: str, device: str = "cpu", compute_type: str = "default", threads: int = 0,
-                 max_batch_size: int = 64):
+    def __init__(self, model_dir: str, device: str = "cpu", compute_type: str = "default", threads: int = 1,
+                 max_batch_size: int = 64, intra_threads: int = 1):
         try:
             import ctranslate2
         except ImportError as e:
@@ -33,8 +33,14 @@ class Translator:
             raise ThorError(f"{model_dir} is not a CTranslate2 model folder (no model.bin); write one with "
                             f"fairseq-thor-export-ctranslate2")
         self.settings = DecodeSettings.read(model_dir)
+        if threads < 1 or intra_threads < 0:
+            raise ThorError(f"threads must be >= 1 and intra_threads >= 0 (got {threads}, {intra_threads})")
+        # threads = batches decoded in parallel, each with intra_threads threads. For throughput this
+        # beats threads inside one batch: on 2 CPU cores, int8, beam 5, two parallel batches of one
+        # thread decoded 2.3x the sentences/s of one thread, one batch of two threads 0.45x
+        # (benchmarks/serving.py; README "Serving")
         self.model = ctranslate2.Translator(model_dir, device=device, compute_type=compute_type,
-                                            intra_threads=threads)
+                                            inter_threads=threads, intra_threads=intra_threads)
         self.max_batch_size = max_batch_size
         self.spm = None
         if self.settings.sentencepiece_model:
@@ -52,14 +58,15 @@ class Translator:
         by_limit: Dict[int, List[int]] = defaultdict(list)
         for i, source in enumerate(sources):
             by_limit[self.settings.max_decoding_length(len(source))].append(i)
+        # every group is queued before any is awaited, so parallel translators work on several
+        pending = [(indices, self.model.translate_batch(
+            [sources[i] for i in indices], beam_size=self.settings.beam, length_penalty=self.settings.lenpen,
+            max_decoding_length=limit, min_decoding_length=self.settings.min_len, max_input_length=0,
+            max_batch_size=self.max_batch_size, asynchronous=True)) for limit, indices in by_limit.items()]
         out: List[Optional[List[str]]] = [None] * len(sources)
-        for limit, indices in by_limit.items():
-            results = self.model.translate_batch(
-                [sources[i] for i in indices], beam_size=self.settings.beam, length_penalty=self.settings.lenpen,
-                max_decoding_length=limit, min_decoding_length=self.settings.min_len, max_input_length=0,
-                max_batch_size=self.max_batch_size)
+        for indices, results in pending:
             for i, result in zip(indices, results):
-                out[i] = result.hypotheses[0]
+                out[i] = result.result().hypotheses[0]
         return out
 
     def translate(self, sentences: List[str]) -> List[str]:
@@ -75,9 +82,12 @@ def main(argv=None):
     parser.add_argument("model_dir")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compute-type", default="default", help="CTranslate2's (e.g. int8, float16)")
-    parser.add_argument("--threads", type=int, default=0, help="0: CTranslate2's default")
+    parser.add_argument("--threads", type=int, default=1, help="batches decoded in parallel (default 1)")
+    parser.add_argument("--intra-threads", type=int, default=1,
+                        help="threads inside each batch (default 1; 0: CTranslate2's default)")
     args = parser.parse_args(argv)
-    translator = Translator(args.model_dir, args.device, args.compute_type, args.threads)
+    translator = Translator(args.model_dir, args.device, args.compute_type, args.threads,
+                            intra_threads=args.intra_threads)
     lines = [line.rstrip("\n") for line in sys.stdin]
     for hypothesis in translator.translate(lines):
         print(hypothesis)
