@@ -116,7 +116,6 @@ def source_pieces(args) -> List[List[str]]:
 
 def measure(args) -> dict:
     quiet_plugin_import()
-    os.makedirs(os.path.join(REPO, "work"), exist_ok=True)  # absent in a fresh clone
     work = tempfile.mkdtemp(prefix="serving-", dir=os.path.join(REPO, "work"))
     try:
         checkpoint = base_checkpoint(args, work) if args.base else args.checkpoint
