@@ -22,7 +22,13 @@ Three checkpoints are decoded on test (beam 5, detokenized sacreBLEU, every sent
   papers report;
 * equal training time: the best validation BLEU among the checkpoints trained within the seconds
   the dense model of the same seed needed to reach its best checkpoint (the mean over finished
-  dense cells when that seed's is missing). Dense's own equal-time checkpoint is its best.
+  dense cells when that seed's is missing). Dense's own equal-time checkpoint is its best. Time
+  here is calibrated, not the cell's own ``train_wall``: updates x the model's seconds per update
+  measured side by side (``training_cost.py``), because a cell's attempts run under whatever load
+  and threads each sitting had. Only the ratio of two models' costs enters the budget.
+
+Threads are not part of a cell's recipe: an attempt may resume with another ``--threads`` (one
+beside other work, two on idle cores); each attempt's threads are recorded.
 """
 import json
 import os
@@ -32,6 +38,7 @@ import time
 from typing import Dict, List, Optional
 
 import fairseq_logs
+import training_cost
 from cli_runs import BIN, USER_DIR, count_params, decode, run
 from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, recipe, started_cell, train_command,
                            write_atomic)
@@ -52,9 +59,15 @@ def converge_command(args, name: str, seed: int, save_dir: str) -> list:
 
 
 def converge_recipe(args, name: str, seed: int) -> dict:
-    """``quality_cells.recipe`` with the convergence flags and the number of averaged checkpoints."""
+    """``quality_cells.recipe`` with the convergence flags and the number of averaged checkpoints,
+    without threads (an attempt may resume with other threads: they change speed, not the model)."""
     flags = ["USER_DIR" if t == USER_DIR else t for t in converge_command(args, name, seed, "SAVE_DIR")[1:]]
-    return {**recipe(args, name, seed), "train_flags": flags, "average": args.average}
+    return without_threads({**recipe(args, name, seed), "train_flags": flags, "average": args.average})
+
+
+def without_threads(recorded: Optional[dict]) -> Optional[dict]:
+    """A recipe as compared: cells and work folders recorded before threads left the recipe carry them."""
+    return None if recorded is None else {k: v for k, v in recorded.items() if k != "threads"}
 
 
 # ---- the training time of a run that may have been resumed -------------------------------------
@@ -139,32 +152,48 @@ def update_checkpoints(save_dir: str) -> Dict[int, str]:
     return found
 
 
-def best_within(curve: List[dict], budget_s: float, saved: Dict[int, str]) -> Optional[dict]:
-    """The saved checkpoint with the highest validation BLEU among those trained within
-    ``budget_s`` seconds (the earliest of equals), or None."""
-    inside = [p for p in curve if p["train_s"] is not None and p["train_s"] <= budget_s
-              and p["bleu"] is not None and p["updates"] in saved]
+def best_within(curve: List[dict], budget_updates: int, saved: Dict[int, str]) -> Optional[dict]:
+    """The saved checkpoint with the highest validation BLEU among those at or before
+    ``budget_updates`` (the earliest of equals), or None."""
+    inside = [p for p in curve if p["updates"] <= budget_updates and p["bleu"] is not None and p["updates"] in saved]
     return max(inside, key=lambda p: (p["bleu"], -p["updates"])) if inside else None
 
 
-def time_to_best(cell: dict) -> Optional[float]:
-    return cell["best"]["train_s"] if cell and cell.get("status") == "ok" else None
+def updates_to_best(cell: Optional[dict]) -> Optional[int]:
+    return cell["best"]["updates"] if cell and cell.get("status") == "ok" else None
 
 
-def dense_budget(args, seed: int) -> Optional[dict]:
-    """Seconds dense needed to reach its best checkpoint: same seed, else the mean of those done."""
-    own = time_to_best(read_cell(cell_path(args, "dense", seed)))
+def dense_updates_to_best(args, seed: int) -> Optional[dict]:
+    """Updates dense needed to reach its best checkpoint: same seed, else the mean of those done."""
+    own = updates_to_best(read_cell(cell_path(args, "dense", seed)))
     if own is not None:
-        return {"budget_s": own, "from": f"dense seed {seed}"}
+        return {"dense_updates": own, "from": f"dense seed {seed}"}
     done = {}
     cells_dir = os.path.join(args.out, "cells")
     for name in sorted(os.listdir(cells_dir)) if os.path.isdir(cells_dir) else []:
         m = re.fullmatch(r"dense-seed(\d+)\.json", name)
-        if m and time_to_best(read_cell(os.path.join(cells_dir, name))) is not None:
-            done[int(m.group(1))] = time_to_best(read_cell(os.path.join(cells_dir, name)))
+        if m and updates_to_best(read_cell(os.path.join(cells_dir, name))) is not None:
+            done[int(m.group(1))] = updates_to_best(read_cell(os.path.join(cells_dir, name)))
     if not done:
         return None
-    return {"budget_s": sum(done.values()) / len(done), "from": f"mean of dense seeds {sorted(done)}"}
+    return {"dense_updates": sum(done.values()) / len(done), "from": f"mean of dense seeds {sorted(done)}"}
+
+
+def equal_time_budget(args, name: str, seed: int, settings: dict) -> dict:
+    """Dense's time to its best in calibrated seconds, and the updates of ``name`` that fit in it;
+    or {"missing": why}."""
+    dense = dense_updates_to_best(args, seed)
+    if dense is None:
+        return {"missing": "no finished dense cell to take the time budget from"}
+    costs, why = training_cost.load(args.out, settings)
+    if costs is None:
+        return {"missing": why}
+    if name not in costs or "dense" not in costs:
+        return {"missing": f"{training_cost.COST_FILE} has no seconds per update for {name} or dense; "
+                           "run benchmarks/quality.py --converge --measure-cost with both in --plan"}
+    budget_s = dense["dense_updates"] * costs["dense"]
+    return {**dense, "budget_s": round(budget_s, 1), "s_per_update": costs[name],
+            "budget_updates": int(budget_s / costs[name])}
 
 
 def scored(args, checkpoint: str, point: dict, work: str, tag: str, env: dict) -> dict:
@@ -191,12 +220,25 @@ def prepare_work(work: str, recipe_now: dict) -> bool:
     last = os.path.join(work, "checkpoints", "checkpoint_last.pt")
     if os.path.exists(recorded) and os.path.exists(last):
         with open(recorded) as f:
-            if json.load(f) == recipe_now:
+            if without_threads(json.load(f)) == recipe_now:
                 return True
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.join(work, "checkpoints"))
     write_atomic(recorded, recipe_now)
     return False
+
+
+def attempt_threads(work: str) -> Dict[int, Optional[int]]:
+    """The --threads of each attempt (attempt number -> threads; None: torch's default)."""
+    path = os.path.join(work, "attempts.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {int(k): v for k, v in json.load(f).items()}
+
+
+def record_attempt(work: str, number: int, threads: Optional[int]):
+    write_atomic(os.path.join(work, "attempts.json"), {**attempt_threads(work), number: threads})
 
 
 def train(args, cell: dict, work: str, env: dict) -> List[str]:
@@ -206,12 +248,13 @@ def train(args, cell: dict, work: str, env: dict) -> List[str]:
         number = len(attempt_logs(work)) + 1
         cmd = cell["train_command"] = converge_command(args, cell["model"], cell["seed"],
                                                        os.path.join(work, "checkpoints"))
+        record_attempt(work, number, args.threads)
         run(cmd, os.path.join(work, f"train-{number}.log"), echo=fairseq_logs.progress, env=env)
         write_atomic(finished, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     return [open(p, encoding="utf-8").read() for p in attempt_logs(work)]
 
 
-def train_and_score(args, cell: dict, work: str, env: dict):
+def train_and_score(args, cell: dict, work: str, env: dict, settings: dict):
     name, seed = cell["model"], cell["seed"]
     logs = train(args, cell, work, env)  # one text per attempt
     save_dir = os.path.join(work, "checkpoints")
@@ -226,7 +269,9 @@ def train_and_score(args, cell: dict, work: str, env: dict):
     best_point = max((p for p in curve if p["bleu"] is not None and p["updates"] in saved),
                      key=lambda p: (p["bleu"], -p["updates"]))
     # one attempt per training command: more than one when the cell was interrupted and resumed
-    cell.update(attempts=[{"log": f"train-{i}.log", "resumed_from": resumed_at(t)} for i, t in enumerate(logs, 1)],
+    threads = attempt_threads(work)
+    cell.update(attempts=[{"log": f"train-{i}.log", "resumed_from": resumed_at(t), "threads": threads.get(i)}
+                          for i, t in enumerate(logs, 1)],
                 updates=updates, train_s=seconds[updates], stopped_by=stop_reason(logs, updates, args.max_update),
                 train_words_per_s=words_per_second(logs), total_params=last["total_params"], curve=curve,
                 train_last=last["train_last"])
@@ -240,19 +285,19 @@ def train_and_score(args, cell: dict, work: str, env: dict):
     cell["averaged"] = {"checkpoints": chosen, **scored(seeded, averaged, {"updates": chosen[-1],
                         "train_s": seconds.get(chosen[-1])}, work, "averaged", env)}
     if name == "dense":
-        budget = {"budget_s": cell["best"]["train_s"], "from": "its own best"}
+        cell["equal_time"] = {"from": "its own best", **cell["best"]}
+        return
+    budget = equal_time_budget(args, name, seed, settings)
+    if "missing" in budget:
+        cell["equal_time"] = budget
+        return
+    point = best_within(curve, budget["budget_updates"], saved)
+    if point is None:
+        cell["equal_time"] = {**budget, "missing": f"no checkpoint within {budget['budget_updates']} updates"}
+    elif point["updates"] == best_point["updates"]:
+        cell["equal_time"] = {**budget, **cell["best"]}
     else:
-        budget = dense_budget(args, seed)
-    if budget is None:
-        cell["equal_time"] = {"missing": "no finished dense cell to take the time budget from"}
-    else:
-        point = best_within(curve, budget["budget_s"], saved)
-        if point is None:
-            cell["equal_time"] = {**budget, "missing": f"no checkpoint within {budget['budget_s']:.0f} s"}
-        elif point["updates"] == best_point["updates"]:
-            cell["equal_time"] = {**budget, **cell["best"]}
-        else:
-            cell["equal_time"] = {**budget, **scored(seeded, saved[point["updates"]], point, work, "equal-time", env)}
+        cell["equal_time"] = {**budget, **scored(seeded, saved[point["updates"]], point, work, "equal-time", env)}
 
 
 def _with_seed(args, seed: int):
@@ -271,7 +316,24 @@ def run_converge_cell(args, name: str, seed: int, env: dict, settings: dict) -> 
         print(f"    {name} seed {seed}: " + ("training had finished; scoring its checkpoints" if done else
               f"resuming from {os.path.join(work, 'checkpoints', 'checkpoint_last.pt')}"), flush=True)
     cell = started_cell(args, name, seed, recipe_now, settings, mode="converge")
-    filled_and_written(args, cell, lambda c: train_and_score(args, c, work, env))
-    if cell["status"] == "ok" and not args.keep:  # a failed or interrupted cell keeps what resumes it
+    filled_and_written(args, cell, lambda c: train_and_score(args, c, work, env, settings))
+    if cell["status"] == "ok" and budget_was_missing(cell):
+        # its checkpoints are what a rerun scores once the budget exists (needs_rescoring)
+        print(f"    {name} seed {seed}: equal training time not scored ({cell['equal_time']['missing']}); "
+              f"keeping {work} to score it on a rerun", flush=True)
+    elif cell["status"] == "ok" and not args.keep:  # a failed or interrupted cell keeps what resumes it
         shutil.rmtree(work, ignore_errors=True)
     return cell
+
+
+def needs_rescoring(args, cell: dict) -> bool:
+    """A finished cell whose equal-time view was missing (no dense cell or no cost calibration
+    yet) and whose trained checkpoints are still there."""
+    work = os.path.join(args.work, "cells", f"{cell['model']}-seed{cell['seed']}")
+    return budget_was_missing(cell) and os.path.exists(os.path.join(work, "trained.json"))
+
+
+def budget_was_missing(cell: dict) -> bool:
+    """Equal time not scored for want of a budget (not because no checkpoint fitted in it)."""
+    timed = cell.get("equal_time") or {}
+    return "missing" in timed and "budget_updates" not in timed

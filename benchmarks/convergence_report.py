@@ -7,7 +7,9 @@ of the recipe (they change with the machine, not with the model).
 
 Three views per model, each mean ± sample std over seeds: the best checkpoint (validation BLEU),
 the average of the last N checkpoints, and equal training time (the best checkpoint within the
-seconds dense needed to reach its best). The differences table compares every THOR row with the
+seconds dense needed to reach its best). Time is calibrated: updates x the model's seconds per
+update measured side by side (``cost.json``, ``training_cost.py``); the cells' own ``train_wall``
+is shown too, but it mixes sittings with different load and threads. The differences table compares every THOR row with the
 baselines and THOR rows with each other, called beyond the spread when the difference exceeds the
 sum of the two standard deviations; the targets of the study are evaluated from it.
 """
@@ -15,6 +17,7 @@ import json
 import os
 from typing import List, Optional
 
+import training_cost
 from fairseq_logs import error_summary
 from quality_report import load_cells, mean_std, stats, table
 
@@ -30,7 +33,9 @@ def recipe_key(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in NOT_RECIPE}
 
 
-def summarize(cells: List[dict], order: List[str], settings: dict) -> dict:
+def summarize(cells: List[dict], order: List[str], settings: dict, costs: Optional[dict] = None,
+              cost_missing: Optional[str] = None) -> dict:
+    """``costs``: seconds per update by model (``training_cost.load``), None with ``cost_missing``."""
     key = recipe_key(settings)
     mine = [c for c in cells if recipe_key(c.get("settings", {})) == key]
     other = [c for c in cells if c not in mine]
@@ -46,9 +51,15 @@ def summarize(cells: List[dict], order: List[str], settings: dict) -> dict:
             "stopped_by": [c["stopped_by"] for c in seeds],
             "train_words_per_s": stats([c["train_words_per_s"] for c in seeds]),
             "total_params": seeds[0]["total_params"], "active_params": seeds[0]["active_params"],
+            "s_per_update": (costs or {}).get(name),
         }
+        for view in VIEWS:  # calibrated training seconds of each view's checkpoint
+            cost = models[name]["s_per_update"]
+            models[name][view]["cost_s"] = stats([c[view]["updates"] * cost for c in seeds if cost is not None
+                                                  and c.get(view) and "missing" not in c[view]])
     hosts = sorted({c["host"].get("cpu", "?") for c in ok if c.get("host")})
     return {"settings": settings, "models": models, "differences": differences(models),
+            "cost": {"s_per_update": costs} if costs else {"missing": cost_missing or "no calibration given"},
             "targets": targets(models), "hosts": hosts,
             "cells": [_cell_row(c) for c in sorted(mine, key=lambda c: (_rank(c["model"], order), c["seed"]))],
             "other_recipe": [{"model": c["model"], "seed": c["seed"],
@@ -142,22 +153,26 @@ def markdown(result: dict) -> str:
         f"Averaged: the last {s.get('average')} checkpoints. THOR alpha {s.get('consistency_alpha')} "
         f"(thor2a5: 5); R-Drop alpha {s.get('rdrop_alpha')}; Switch and hash E={s.get('gated_experts')}. "
         f"Test split decoded with beam 5, detokenized sacreBLEU, every sentence.", "",
-        "Mean ± sample standard deviation over seeds (n). Train s: seconds inside training steps "
-        "(fairseq's `train_wall`); they compare only between cells on the same kind of host, idle "
+        "Mean ± sample standard deviation over seeds (n). Calibrated s: updates × the model's seconds "
+        "per update measured side by side in one run (`cost.json`: " + cost_line(result["cost"]) + "). "
+        "Train s: seconds inside the cell's own training steps (fairseq's `train_wall`), summed over "
+        "attempts that ran with different threads and load; they compare only loosely "
         f"(hosts here: {', '.join(result['hosts']) or '—'}).", ""]
     out += ["## At convergence", ""]
     out += table(["model", "n", "best BLEU", "best chrF2", "averaged BLEU", "averaged chrF2", "updates to best",
-                  "train s to best", "stopped by", "train words/s", "params (active)"],
+                  "calibrated s to best", "train s to best", "stopped by", "train words/s", "params (active)"],
                  [[m, str(v["best"]["bleu"]["n"]), mean_std(v["best"]["bleu"]), mean_std(v["best"]["chrf"]),
                    mean_std(v["averaged"]["bleu"]), mean_std(v["averaged"]["chrf"]),
-                   mean_std(v["best"]["updates"], "{:.0f}"), mean_std(v["best"]["train_s"], "{:.0f}"),
+                   mean_std(v["best"]["updates"], "{:.0f}"), mean_std(v["best"]["cost_s"], "{:.0f}"),
+                   mean_std(v["best"]["train_s"], "{:.0f}"),
                    ", ".join(v["stopped_by"]), mean_std(v["train_words_per_s"], "{:,.0f}"),
                    f"{v['total_params']:,} ({v['active_params']:,})"] for m, v in models.items()])
     out += [f"## {VIEWS['equal_time'].capitalize()}", ""]
-    out += table(["model", "n", "BLEU", "chrF2", "updates", "train s"],
+    out += table(["model", "n", "BLEU", "chrF2", "updates", "calibrated s", "s per update"],
                  [[m, str(v["equal_time"]["bleu"]["n"]), mean_std(v["equal_time"]["bleu"]),
                    mean_std(v["equal_time"]["chrf"]), mean_std(v["equal_time"]["updates"], "{:.0f}"),
-                   mean_std(v["equal_time"]["train_s"], "{:.0f}")] for m, v in models.items()])
+                   mean_std(v["equal_time"]["cost_s"], "{:.0f}"),
+                   "—" if v["s_per_update"] is None else f"{v['s_per_update']:.3f}"] for m, v in models.items()])
     out += ["## Targets", "", f"Best THOR setting (highest mean best-checkpoint BLEU): "
             f"{best_thor(models) or '—'}.", ""]
     out += table(["target", "rows", "Δ BLEU", "spread", "status"],
@@ -197,6 +212,12 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def cost_line(cost: dict) -> str:
+    if "missing" in cost:
+        return "not measured: " + cost["missing"]
+    return ", ".join(f"{m} {c:.3f}" for m, c in cost["s_per_update"].items()) + " s/update"
+
+
 def plot(cells: List[dict], result: dict, path: str):
     import logging
 
@@ -213,16 +234,21 @@ def plot(cells: List[dict], result: dict, path: str):
         if (c["model"], c["seed"]) not in pooled or c.get("mode") != "converge":
             continue
         color = f"C{names.index(c['model']) % 10}"
-        curve = [p for p in c["curve"] if p["bleu"] is not None and p["train_s"] is not None]
+        curve = [p for p in c["curve"] if p["bleu"] is not None]
         style = dict(color=color, linestyle=["-", "--", ":", "-."][(c["seed"] - 1) % 4], linewidth=1.2,
                      label=f"{c['model']} s{c['seed']}")
-        by_time.plot([p["train_s"] / 3600 for p in curve], [p["bleu"] for p in curve], **style)
+        cost = result["models"][c["model"]]["s_per_update"]
+        if cost is not None:
+            by_time.plot([p["updates"] * cost / 3600 for p in curve], [p["bleu"] for p in curve], **style)
+            by_time.plot(c["best"]["updates"] * cost / 3600, c["best"]["valid_bleu"], "o", color=color)
         by_updates.plot([p["updates"] for p in curve], [p["bleu"] for p in curve], **style)
-        by_time.plot(c["best"]["train_s"] / 3600, c["best"]["valid_bleu"], "o", color=color)
-    dense = result["models"].get("dense", {}).get("best", {}).get("train_s", {})
+    dense = result["models"].get("dense", {}).get("best", {}).get("cost_s", {})
     if dense.get("n"):
         by_time.axvline(dense["mean"] / 3600, color="gray", linestyle="--", linewidth=0.8)
-    by_time.set_xlabel("training time (hours inside training steps)")
+    if "missing" in result["cost"]:
+        by_time.text(0.5, 0.5, "no cost calibration yet\n(quality.py --converge --measure-cost)",
+                     ha="center", va="center", transform=by_time.transAxes)
+    by_time.set_xlabel("calibrated training time (hours: updates x seconds per update, cost.json)")
     by_updates.set_xlabel("updates")
     by_time.set_ylabel("validation BLEU (greedy)")
     by_time.set_title("validation BLEU vs training time\n(dot: best checkpoint; dashed: dense's time to best)")
@@ -239,7 +265,8 @@ def plot(cells: List[dict], result: dict, path: str):
 def build(out_dir: str, order: List[str], settings: dict) -> dict:
     """Read ``out_dir/cells`` and write ``convergence.md``, ``convergence.json``, ``convergence.png``."""
     cells = load_cells(os.path.join(out_dir, "cells"))
-    result = summarize(cells, order, settings)
+    costs, missing = training_cost.load(out_dir, settings)
+    result = summarize(cells, order, settings, costs, missing)
     with open(os.path.join(out_dir, "convergence.md"), "w") as f:
         f.write(markdown(result))
     with open(os.path.join(out_dir, "convergence.json"), "w") as f:

@@ -50,7 +50,8 @@ import fairseq_logs as logs  # noqa: E402
 import quality_report  # noqa: E402
 from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data_problem  # noqa: E402
 import convergence_report  # noqa: E402
-from convergence_cells import converge_recipe, run_converge_cell  # noqa: E402
+import training_cost  # noqa: E402
+from convergence_cells import converge_recipe, needs_rescoring, run_converge_cell, without_threads  # noqa: E402
 from quality_cells import (MODELS, SETTINGS, cell_path, host_info, read_cell, recipe, recipe_change,  # noqa: E402
                            run_cell)
 
@@ -67,6 +68,8 @@ FLOATS = dict(lr=2e-3, dropout=0.1, weight_decay=1e-4, label_smoothing=0.1, clip
 CONVERGE_PLAN = "dense:2,rdrop:2,hash:2,switch:1,thor2:1,thor2a5:1,thor4:1,thor8:1"
 CONVERGE = dict(max_update=30000, save_every=250, dropout=0.3, patience=8, average=5)
 TOY_CONVERGE = dict(max_update=40, save_every=5, patience=2, average=2)
+COST = dict(cost_rounds=2, cost_warm=25, cost_timed=75)  # --measure-cost: updates not timed, then timed
+TOY_COST = dict(cost_rounds=2, cost_warm=3, cost_timed=6)
 CONVERGE_SETTINGS = SETTINGS + ["patience", "average"]
 
 
@@ -148,6 +151,13 @@ def parse_args(argv=None):
                         f"(default {CONVERGE['patience']})")
     p.add_argument("--average", type=int, default=None,
                    help=f"--converge: average the last N checkpoints (default {CONVERGE['average']})")
+    p.add_argument("--measure-cost", action="store_true",
+                   help="--converge: instead of training cells, measure every planned model's seconds per "
+                        "update side by side (benchmarks/training_cost.py) into OUT/cost.json, which the "
+                        "equal-training-time view and the time axis use")
+    for key, value in COST.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None,
+                       help=f"--measure-cost: default {value} ({TOY_COST[key]} with --toy)")
     p.add_argument("--consistency-alpha-warmup-updates", type=int, default=0,
                    help="THOR's; passed only when > 0 (default 0)")
     p.add_argument("--gated-experts", type=int, default=4, help="E for switch and hash (default 4)")
@@ -165,11 +175,12 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true", help="keep each cell's checkpoints and logs")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the cells")
     args = p.parse_args(argv)
-    defaults = {**(TOY if args.toy else DEFAULTS), **FLOATS, "patience": None, "average": None}
+    defaults = {**(TOY if args.toy else DEFAULTS), **FLOATS, "patience": None, "average": None,
+                **(TOY_COST if args.toy else COST)}
     if args.converge:
         defaults.update(CONVERGE, **(TOY_CONVERGE if args.toy else {}))
-    elif args.patience is not None or args.average is not None:
-        fail("--patience and --average belong to --converge")
+    elif args.patience is not None or args.average is not None or args.measure_cost:
+        fail("--patience, --average and --measure-cost belong to --converge")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -191,6 +202,9 @@ def parse_args(argv=None):
     args.extra = extra
     if args.converge and (args.patience < 1 or args.average < 1):
         fail(f"--patience {args.patience} and --average {args.average} must be at least 1")
+    if args.cost_rounds < 1 or args.cost_warm < 0 or args.cost_timed < 3 or args.cost_timed % 3:
+        fail(f"--cost-rounds {args.cost_rounds} must be at least 1, --cost-warm {args.cost_warm} at least 0, "
+             f"--cost-timed {args.cost_timed} a positive multiple of 3 (it is logged in thirds)")
     if args.max_update % args.save_every:
         fail(f"--max-update {args.max_update} must be a multiple of --save-every {args.save_every}")
     if args.fp16 and args.device != "cuda":
@@ -221,8 +235,12 @@ def build_report(args, order: List[str]) -> str:
 def done_line(cell: dict) -> str:
     if cell.get("mode") == "converge":
         best, averaged, timed = cell["best"], cell["averaged"], cell["equal_time"]
-        at_time = (timed["missing"] if "missing" in timed else
-                   f"{timed['bleu']:.2f} at {timed['budget_s']:.0f} s ({timed['updates']} updates)")
+        if "missing" in timed:
+            at_time = timed["missing"]
+        elif "budget_s" in timed:
+            at_time = f"{timed['bleu']:.2f} at dense's {timed['budget_s']:.0f} calibrated s ({timed['updates']} updates)"
+        else:
+            at_time = "its best (the budget of the others)"
         return (f"best BLEU {best['bleu']:.2f} / chrF2 {best['chrf']:.2f} (update {best['updates']}), "
                 f"averaged {averaged['bleu']:.2f}; stopped by {cell['stopped_by']} at {cell['updates']} "
                 f"updates ({cell['train_s']:.0f} s training); equal time: {at_time}")
@@ -234,6 +252,21 @@ def done_line(cell: dict) -> str:
     final = cell["equal_updates"]
     return (f"BLEU {final['bleu']:.2f}, chrF2 {final['chrf']:.2f} after {cell['updates']} updates "
             f"({cell['train_s']:.0f} s training){at_time}")
+
+
+def measure_cost(args, env: dict) -> int:
+    """--measure-cost: every planned model's seconds per update, side by side, into OUT/cost.json."""
+    names = list(dict.fromkeys(name for name, _ in args.cells))
+    print(f"measuring seconds per update of {', '.join(names)}: {args.cost_rounds} rounds of "
+          f"{args.cost_warm} + {args.cost_timed} updates each, threads {args.threads or 'default'}", flush=True)
+    measured = training_cost.measure(args, names, env, os.path.join(args.work, "cost"), args.cost_rounds,
+                                     args.cost_warm, args.cost_timed)
+    training_cost.write(args.out, measured, settings(args))
+    for name, cost in measured["s_per_update"].items():
+        ratio = (measured["relative_to_dense"] or {}).get(name)
+        print(f"  {name:8s} {cost:.3f} s/update" + (f" ({ratio:.2f}x dense)" if ratio else ""), flush=True)
+    print(f"wrote {os.path.join(short(args.out), training_cost.COST_FILE)}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -255,14 +288,20 @@ def main(argv=None) -> int:
     args.host = host_info(args)
     env = child_env(args.threads)
     recipe_of = converge_recipe if args.converge else recipe
+    if args.measure_cost:
+        return measure_cost(args, env)
 
     start, failed, total = time.time(), [], len(args.cells)
     for i, (name, seed) in enumerate(args.cells, 1):
         tag, path = f"[{i}/{total}]", cell_path(args, name, seed)
         old = read_cell(path)
         if old and old["status"] == "ok" and not args.rerun:
-            change = recipe_change(old.get("recipe"), recipe_of(args, name, seed))
-            if change is None:
+            recorded = without_threads(old.get("recipe")) if args.converge else old.get("recipe")
+            change = recipe_change(recorded, recipe_of(args, name, seed))
+            if change is None and args.converge and needs_rescoring(args, old):
+                print(f"{tag} rescore {name} seed {seed}: its equal-time view was missing "
+                      f"({old['equal_time']['missing']})", flush=True)
+            elif change is None:
                 print(f"{tag} skip {name} seed {seed}: finished ({short(path)})", flush=True)
                 continue
             print(f"{tag} retrain {name} seed {seed}: recorded with another recipe ({change})", flush=True)

@@ -46,13 +46,44 @@ def cell_of(out, name="thor2-seed1.json"):
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("converge")
     data = make_toy_data(root)
+    cost = converge(data, root / "work", root / "out", "--plan", "dense:1,thor2:1", "--measure-cost")
     whole = converge(data, root / "work", root / "out", "--plan", "dense:1,thor2:1", "--keep")
-    # the same thor2 cell, killed once its second checkpoint exists, then run again
+    # the same thor2 cell, killed once its second checkpoint exists, then run again with other threads
     checkpoints = root / "work-killed" / "cells" / "thor2-seed1" / "checkpoints"
     killed = converge(data, root / "work-killed", root / "out-killed", "--plan", "thor2:1",
                       kill_when=checkpoints / "checkpoint_*_10.pt")
-    resumed = converge(data, root / "work-killed", root / "out-killed", "--plan", "thor2:1")
-    return {"root": root, "data": data, "whole": whole, "killed": killed, "resumed": resumed}
+    resumed = converge(data, root / "work-killed", root / "out-killed", "--plan", "thor2:1", "--threads", 2)
+    return {"root": root, "data": data, "cost": cost, "whole": whole, "killed": killed, "resumed": resumed}
+
+
+def test_measure_cost_times_every_planned_model_round_by_round(study):
+    code, output = study["cost"]
+    assert code == 0, output[-3000:]
+    cost = json.loads((study["root"] / "out" / "cost.json").read_text())
+    assert set(cost["s_per_update"]) == {"dense", "thor2"} and cost["threads"] == 1
+    for name, rounds in cost["rounds"].items():
+        assert len(rounds) == 2 and all(r > 0 for r in rounds)
+        assert cost["s_per_update"][name] == pytest.approx(sum(rounds) / 2)  # the median of two
+    logs = sorted((study["root"] / "work" / "cost").glob("cost-*.log"), key=os.path.getmtime)
+    assert [p.name for p in logs] == ["cost-dense-round1.log", "cost-thor2-round1.log",
+                                      "cost-dense-round2.log", "cost-thor2-round2.log"]  # interleaved
+    assert "round 2/2 thor2:" in output and "wrote" in output
+    assert not list((study["root"] / "work" / "cost").glob("**/*.pt"))  # timed runs save nothing
+
+
+def test_equal_time_uses_the_calibrated_cost_of_both_models(study):
+    root = study["root"]
+    costs = json.loads((root / "out" / "cost.json").read_text())["s_per_update"]
+    dense, thor = cell_of(root / "out", "dense-seed1.json"), cell_of(root / "out")
+    budget = thor["equal_time"]
+    assert budget["dense_updates"] == dense["best"]["updates"] and budget["from"] == "dense seed 1"
+    assert budget["budget_updates"] == int(dense["best"]["updates"] * costs["dense"] / costs["thor2"])
+    assert "bleu" in budget and budget["updates"] <= budget["budget_updates"]
+    within = [p for p in thor["curve"] if p["updates"] <= budget["budget_updates"]]
+    assert budget["valid_bleu"] == max(p["bleu"] for p in within)
+    result = json.loads((root / "out" / "convergence.json").read_text())
+    assert result["models"]["thor2"]["equal_time"]["cost_s"]["mean"] == pytest.approx(
+        budget["updates"] * costs["thor2"], abs=1e-3)  # stats round to 3 decimals
 
 
 def test_patience_stops_the_run_before_its_cap(study):
@@ -80,6 +111,7 @@ def test_an_interrupted_cell_resumes_and_ends_like_an_uninterrupted_one(study):
     whole, resumed = cell_of(study["root"] / "out"), cell_of(study["root"] / "out-killed")
     assert [a["resumed_from"] for a in resumed["attempts"]][0] == 0
     assert len(resumed["attempts"]) == 2 and resumed["attempts"][1]["resumed_from"] in (5, 10)
+    assert [a["threads"] for a in resumed["attempts"]] == [1, 2]  # other threads: still a resume
     assert resumed["updates"] == whole["updates"] and resumed["stopped_by"] == whole["stopped_by"]
     # the same training: every validation identical (loss to the printed digit, BLEU)
     assert [(p["updates"], p["loss"], p["bleu"]) for p in resumed["curve"]] == \
@@ -112,6 +144,53 @@ def test_a_finished_cell_is_skipped_and_another_recipe_retrains(study):
     assert set(result["models"]) == {"dense", "thor2"} and not result["other_recipe"]
 
 
+def test_a_cell_without_a_budget_keeps_its_checkpoints_and_is_rescored_once_there_is_one(study):
+    root = study["root"]
+    killed = cell_of(root / "out-killed")  # trained alone: no dense cell gave it a time budget
+    assert killed["equal_time"] == {"missing": "no finished dense cell to take the time budget from"}
+    assert (root / "work-killed" / "cells" / "thor2-seed1" / "trained.json").exists()
+    for name in ("cells/dense-seed1.json", "cost.json"):
+        (root / "out-killed" / name).write_text((root / "out" / name).read_text())
+    code, output = converge(study["data"], root / "work-killed", root / "out-killed", "--plan", "thor2:1")
+    assert code == 0 and "rescore thor2 seed 1: its equal-time view was missing" in output, output[-2000:]
+    assert "training had finished; scoring its checkpoints" in output
+    rescored = cell_of(root / "out-killed")
+    assert rescored["equal_time"]["budget_updates"] > 0 and "bleu" in rescored["equal_time"]
+    assert not (root / "work-killed" / "cells" / "thor2-seed1").exists()  # scored: no longer kept
+
+
+def test_cost_calibration_of_another_recipe_is_refused(tmp_path):
+    from training_cost import load, write
+
+    settings = {"layers": 3, "embed_dim": 256, "dropout": 0.3, "data": "/here", "patience": 8}
+    write(str(tmp_path), {"s_per_update": {"dense": 0.5}}, settings)
+    assert load(str(tmp_path), {**settings, "data": "/elsewhere", "patience": 4}) == ({"dense": 0.5}, None)
+    costs, why = load(str(tmp_path), {**settings, "dropout": 0.1})
+    assert costs is None and "another recipe (differs in dropout)" in why and "--measure-cost" in why
+    costs, why = load(str(tmp_path / "none"), settings)
+    assert costs is None and "no cost calibration" in why
+
+
+def test_seconds_per_update_skips_the_warm_updates():
+    from training_cost import seconds_per_update
+
+    log = "\n".join(f"x | train_inner | epoch 001: num_updates={u}, ups={ups}, train_wall=1" for u, ups in
+                     ((3, 0.1), (6, 2), (9, 1), (12, 0.5)))
+    assert seconds_per_update(log, 3) == pytest.approx((1.5 + 3 + 6) / 9)
+    assert seconds_per_update(log, 6) == pytest.approx((3 + 6) / 6)
+    with pytest.raises(RuntimeError, match="no timed interval after update 12"):
+        seconds_per_update(log, 12)
+
+
+def test_a_work_folder_recorded_with_threads_resumes(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint_last.pt").write_bytes(b"x")
+    (tmp_path / "recipe.json").write_text(json.dumps({"train_flags": ["--a"], "threads": 1, "average": 5}))
+    assert convergence_cells.prepare_work(str(tmp_path), {"train_flags": ["--a"], "average": 5})
+    assert convergence_cells.prepare_work(str(tmp_path), {"train_flags": ["--b"], "average": 5}) is False
+    assert not (tmp_path / "checkpoints" / "checkpoint_last.pt").exists()  # another recipe starts afresh
+
+
 def cell(model, seed, bleu, dropout=0.3, seconds=100.0):
     view = {"bleu": bleu, "chrf": 2 * bleu, "updates": 10, "train_s": seconds}
     return {"model": model, "seed": seed, "status": "ok", "mode": "converge", "two_pass": model != "dense",
@@ -132,15 +211,21 @@ def test_a_cell_of_another_recipe_is_not_pooled_into_a_row():
     target = result["targets"][0]
     assert target["rows"] == "thor2 - dense" and target["delta"] == 3.0
     assert target["status"] == "met" and target["beyond_spread"]  # 3.0 > 0.707 + 0.707
+    assert result["models"]["thor2"]["best"]["cost_s"]["n"] == 0 and "not measured" in convergence_report.markdown(
+        result)
+    costed = convergence_report.summarize(cells, ["dense", "thor2"], {"dropout": 0.3}, {"dense": 0.5, "thor2": 1.25})
+    assert costed["models"]["dense"]["best"]["cost_s"]["mean"] == 5.0  # 10 updates x 0.5 s
+    assert costed["models"]["thor2"]["equal_time"]["cost_s"]["mean"] == 12.5
+    assert "dense 0.500, thor2 1.250 s/update" in convergence_report.markdown(costed)
 
 
 def test_equal_time_takes_the_best_validation_within_the_budget():
     curve = [{"updates": u, "train_s": float(u), "bleu": b} for u, b in ((10, 5.0), (20, 9.0), (30, 8.0), (40, 12.0))]
     saved = {10: "a", 20: "b", 30: "c", 40: "d"}
-    assert convergence_cells.best_within(curve, 35.0, saved)["updates"] == 20
-    assert convergence_cells.best_within(curve, 40.0, saved)["updates"] == 40
-    assert convergence_cells.best_within(curve, 35.0, {10: "a", 30: "c"})["updates"] == 30  # only saved ones
-    assert convergence_cells.best_within(curve, 5.0, saved) is None
+    assert convergence_cells.best_within(curve, 35, saved)["updates"] == 20
+    assert convergence_cells.best_within(curve, 40, saved)["updates"] == 40
+    assert convergence_cells.best_within(curve, 35, {10: "a", 30: "c"})["updates"] == 30  # only saved ones
+    assert convergence_cells.best_within(curve, 5, saved) is None
 
 
 def test_training_time_counts_redone_updates_once():
