@@ -50,6 +50,14 @@ def run(cmd, log_path: str, echo=lambda line: None, env=None) -> str:
     return "".join(lines)
 
 
+def scratch_root() -> str:
+    """``work/`` of this checkout, for the temporary folders of a benchmark (made if missing: a
+    fresh clone has none); work/ is ignored by git and on the same disk as the checkpoints."""
+    root = os.path.join(REPO, "work")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
 def child_env(threads: Optional[int]) -> dict:
     """The CLIs' environment: unbuffered, without fairscale's import noise, and ``threads``
     OpenMP/MKL threads when given (e.g. 1 on a shared machine: oversubscribed torch threads crawl)."""

@@ -26,7 +26,7 @@ from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from cli_runs import BIN, child_env, count_sentences, decode, run  # noqa: E402
+from cli_runs import BIN, child_env, count_sentences, decode, run, scratch_root  # noqa: E402
 
 MODES = ["sentence", "token", "path", "mean", "merged"]  # plus fixed-K for every expert, and the export
 
@@ -126,8 +126,7 @@ def main(argv=None):
     result = json.load(open(path)) if os.path.exists(path) else {"checkpoints": {}}
     result.update(test_sentences=count_sentences(args.data), threads=args.threads)
     env = child_env(args.threads)
-    os.makedirs(os.path.join(REPO, "work"), exist_ok=True)  # absent in a fresh clone
-    with tempfile.TemporaryDirectory(dir=os.path.join(REPO, "work")) as work:
+    with tempfile.TemporaryDirectory(dir=scratch_root()) as work:
         for name, checkpoint in checkpoints.items():
             print(f"==> {name}: {checkpoint}", flush=True)
             result["checkpoints"][name] = decode_all(args, name, checkpoint, work, env)

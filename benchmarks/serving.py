@@ -40,7 +40,8 @@ from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from cli_runs import BIN, USER_DIR, build_corpus, child_env, quiet_plugin_import, run, sacrebleu_scores  # noqa: E402
+from cli_runs import (BIN, USER_DIR, build_corpus, child_env, quiet_plugin_import, run,  # noqa: E402
+                      sacrebleu_scores, scratch_root)
 from fairseq_logs import parse_generate_log  # noqa: E402
 
 SYSTEMS = ["thor-path", "dense", "ct2-float32", "ct2-int8"]
@@ -116,7 +117,7 @@ def source_pieces(args) -> List[List[str]]:
 
 def measure(args) -> dict:
     quiet_plugin_import()
-    work = tempfile.mkdtemp(prefix="serving-", dir=os.path.join(REPO, "work"))
+    work = tempfile.mkdtemp(prefix="serving-", dir=scratch_root())
     try:
         checkpoint = base_checkpoint(args, work) if args.base else args.checkpoint
         paths = exports(args, checkpoint, work)
@@ -218,7 +219,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(os.path.join(REPO, "work"), exist_ok=True)
     result = measure(args)
     print(table(result))
     with open(args.out, "w") as f:
