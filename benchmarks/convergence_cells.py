@@ -40,8 +40,8 @@ from typing import Dict, List, Optional
 import fairseq_logs
 import training_cost
 from cli_runs import BIN, USER_DIR, count_params, decode, run
-from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, recipe, started_cell, train_command,
-                           write_atomic)
+from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, recipe, recipe_change, started_cell,
+                           train_command, write_atomic)
 
 VALID_BLEU_ARGS = '{"beam": 1, "max_len_a": 1.5, "max_len_b": 10}'  # greedy: validation stays cheap
 RESUMED = re.compile(r"[Ll]oaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
@@ -220,8 +220,12 @@ def prepare_work(work: str, recipe_now: dict) -> bool:
     last = os.path.join(work, "checkpoints", "checkpoint_last.pt")
     if os.path.exists(recorded) and os.path.exists(last):
         with open(recorded) as f:
-            if without_threads(json.load(f)) == recipe_now:
-                return True
+            was = without_threads(json.load(f))
+        if was == recipe_now:
+            return True
+        # said out loud: hours of checkpoints go, on purpose (they answer another recipe)
+        print(f"    {work}: its checkpoints were trained with another recipe ({recipe_change(was, recipe_now)}); "
+              "clearing it and training afresh", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.join(work, "checkpoints"))
     write_atomic(recorded, recipe_now)

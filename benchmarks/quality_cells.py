@@ -100,7 +100,8 @@ def recipe_change(old: Optional[dict], new: dict) -> Optional[str]:
     was, now = flags(old.get("train_flags", [])), flags(new["train_flags"])
     changes = [f"{k} {was.get(k, '(absent)') or '(set)'} -> {now.get(k, '(absent)') or '(set)'}"
                for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
-    changes += [f"{k} {old.get(k)} -> {new.get(k)}" for k in ("remove_bpe", "threads") if old.get(k) != new.get(k)]
+    changes += [f"{k} {old.get(k)} -> {new.get(k)}" for k in ("remove_bpe", "threads", "average")
+                if old.get(k) != new.get(k)]
     return "; ".join(changes[:4]) or "the same flags in another order"
 
 

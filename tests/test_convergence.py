@@ -78,8 +78,11 @@ def test_equal_time_uses_the_calibrated_cost_of_both_models(study):
     budget = thor["equal_time"]
     assert budget["dense_updates"] == dense["best"]["updates"] and budget["from"] == "dense seed 1"
     assert budget["budget_updates"] == int(dense["best"]["updates"] * costs["dense"] / costs["thor2"])
-    assert "bleu" in budget and budget["updates"] <= budget["budget_updates"]
     within = [p for p in thor["curve"] if p["updates"] <= budget["budget_updates"]]
+    if not within:  # the toy's timings decide; under load thor2 may cost > 2x dense per update
+        assert budget["missing"] == f"no checkpoint within {budget['budget_updates']} updates"
+        return
+    assert "bleu" in budget and budget["updates"] <= budget["budget_updates"]
     assert budget["valid_bleu"] == max(p["bleu"] for p in within)
     result = json.loads((root / "out" / "convergence.json").read_text())
     assert result["models"]["thor2"]["equal_time"]["cost_s"]["mean"] == pytest.approx(
@@ -155,7 +158,9 @@ def test_a_cell_without_a_budget_keeps_its_checkpoints_and_is_rescored_once_ther
     assert code == 0 and "rescore thor2 seed 1: its equal-time view was missing" in output, output[-2000:]
     assert "training had finished; scoring its checkpoints" in output
     rescored = cell_of(root / "out-killed")
-    assert rescored["equal_time"]["budget_updates"] > 0 and "bleu" in rescored["equal_time"]
+    timed = rescored["equal_time"]  # scored now: a budget from dense seed 1 and the copied calibration
+    assert timed["from"] == "dense seed 1" and timed["budget_updates"] >= 0
+    assert "bleu" in timed or timed["missing"] == f"no checkpoint within {timed['budget_updates']} updates"
     assert not (root / "work-killed" / "cells" / "thor2-seed1").exists()  # scored: no longer kept
 
 
@@ -182,13 +187,15 @@ def test_seconds_per_update_skips_the_warm_updates():
         seconds_per_update(log, 12)
 
 
-def test_a_work_folder_recorded_with_threads_resumes(tmp_path):
+def test_a_work_folder_recorded_with_threads_resumes(tmp_path, capsys):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "checkpoint_last.pt").write_bytes(b"x")
-    (tmp_path / "recipe.json").write_text(json.dumps({"train_flags": ["--a"], "threads": 1, "average": 5}))
-    assert convergence_cells.prepare_work(str(tmp_path), {"train_flags": ["--a"], "average": 5})
-    assert convergence_cells.prepare_work(str(tmp_path), {"train_flags": ["--b"], "average": 5}) is False
+    (tmp_path / "recipe.json").write_text(json.dumps({"train_flags": ["--a", "1"], "threads": 1, "average": 5}))
+    assert convergence_cells.prepare_work(str(tmp_path), {"train_flags": ["--a", "1"], "average": 5})
+    assert capsys.readouterr().out == ""
+    assert convergence_cells.prepare_work(str(tmp_path), {"train_flags": ["--a", "2"], "average": 5}) is False
     assert not (tmp_path / "checkpoints" / "checkpoint_last.pt").exists()  # another recipe starts afresh
+    assert "trained with another recipe (--a 1 -> 2); clearing it" in capsys.readouterr().out
 
 
 def cell(model, seed, bleu, dropout=0.3, seconds=100.0):
