@@ -17,6 +17,8 @@ training time), rebuilt after every cell (and by --report-only) from whatever ce
     python benchmarks/quality.py --report-only
     python benchmarks/quality.py --device cuda --fp16  # the same study on a GPU
     python benchmarks/quality.py --toy --data TOY_BIN  # a tiny model for ~10 updates (tests)
+    python benchmarks/quality.py --converge            # to convergence, cell by cell (README)
+    python benchmarks/quality.py --converge --measure-cost  # s/update of each model, side by side
 
 Default plan (--plan): seeds 1-3 for dense, rdrop, thor2, switch and hash, seed 1 for thor4,
 run seed by seed with dense first; --models picks some, --seeds gives every model the same seeds.
