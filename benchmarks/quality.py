@@ -204,9 +204,13 @@ def parse_args(argv=None):
     args.extra = extra
     if args.converge and (args.patience < 1 or args.average < 1):
         fail(f"--patience {args.patience} and --average {args.average} must be at least 1")
-    if args.cost_rounds < 1 or args.cost_warm < 0 or args.cost_timed < 3 or args.cost_timed % 3:
-        fail(f"--cost-rounds {args.cost_rounds} must be at least 1, --cost-warm {args.cost_warm} at least 0, "
-             f"--cost-timed {args.cost_timed} a positive multiple of 3 (it is logged in thirds)")
+    wrong = [problem for bad, problem in (
+        (args.cost_rounds < 1, f"--cost-rounds {args.cost_rounds} must be at least 1"),
+        (args.cost_warm < 0, f"--cost-warm {args.cost_warm} must be at least 0"),
+        (args.cost_timed < 3 or args.cost_timed % 3,
+         f"--cost-timed {args.cost_timed} must be a positive multiple of 3 (it is logged in thirds)")) if bad]
+    if wrong:
+        fail("; ".join(wrong))
     if args.max_update % args.save_every:
         fail(f"--max-update {args.max_update} must be a multiple of --save-every {args.save_every}")
     if args.fp16 and args.device != "cuda":

@@ -241,3 +241,15 @@ def test_training_time_counts_redone_updates_once():
               "\n".join(f"x | train_inner | epoch 002: num_updates={u}, wpb=100, train_wall=12" for u in (15, 20)))
     assert convergence_cells.seconds_across_attempts([first, second]) == {5: 10.0, 10: 20.0, 15: 32.0, 20: 44.0}
     assert convergence_cells.words_per_second([first, second]) == round(2000 / 44, 1)
+
+
+def test_measure_cost_options_are_checked_by_name(capsys):
+    import quality
+
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--converge", "--measure-cost", "--cost-timed", "10", "--report-only"])
+    assert capsys.readouterr().err.strip() == (
+        "quality.py: error: --cost-timed 10 must be a positive multiple of 3 (it is logged in thirds)")
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--measure-cost"])
+    assert "--measure-cost belong to --converge" in capsys.readouterr().err
