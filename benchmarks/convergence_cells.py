@@ -172,8 +172,9 @@ def dense_updates_to_best(args, seed: int) -> Optional[dict]:
     cells_dir = os.path.join(args.out, "cells")
     for name in sorted(os.listdir(cells_dir)) if os.path.isdir(cells_dir) else []:
         m = re.fullmatch(r"dense-seed(\d+)\.json", name)
-        if m and updates_to_best(read_cell(os.path.join(cells_dir, name))) is not None:
-            done[int(m.group(1))] = updates_to_best(read_cell(os.path.join(cells_dir, name)))
+        updates = updates_to_best(read_cell(os.path.join(cells_dir, name))) if m else None
+        if updates is not None:
+            done[int(m.group(1))] = updates
     if not done:
         return None
     return {"dense_updates": sum(done.values()) / len(done), "from": f"mean of dense seeds {sorted(done)}"}
@@ -312,8 +313,13 @@ def _with_seed(args, seed: int):
     return seeded
 
 
+def cell_work(args, name: str, seed: int) -> str:
+    """A cell's checkpoints and logs: kept across attempts, and after scoring while it awaits a budget."""
+    return os.path.join(args.work, "cells", f"{name}-seed{seed}")
+
+
 def run_converge_cell(args, name: str, seed: int, env: dict, settings: dict) -> dict:
-    work = os.path.join(args.work, "cells", f"{name}-seed{seed}")
+    work = cell_work(args, name, seed)
     recipe_now = converge_recipe(args, name, seed)
     if prepare_work(work, recipe_now):
         done = os.path.exists(os.path.join(work, "trained.json"))
@@ -333,8 +339,8 @@ def run_converge_cell(args, name: str, seed: int, env: dict, settings: dict) -> 
 def needs_rescoring(args, cell: dict) -> bool:
     """A finished cell whose equal-time view was missing (no dense cell or no cost calibration
     yet) and whose trained checkpoints are still there."""
-    work = os.path.join(args.work, "cells", f"{cell['model']}-seed{cell['seed']}")
-    return budget_was_missing(cell) and os.path.exists(os.path.join(work, "trained.json"))
+    trained = os.path.join(cell_work(args, cell["model"], cell["seed"]), "trained.json")
+    return budget_was_missing(cell) and os.path.exists(trained)
 
 
 def budget_was_missing(cell: dict) -> bool:
