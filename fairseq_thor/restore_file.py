@@ -13,11 +13,17 @@ file: fairseq inserts each rank's suffix (``DIR/checkpoint_1_10.pt`` is read as
 ``DIR/checkpoint_1_10-rank-R.pt`` plus ``-shared.pt``). A name that is already one file of a
 sharded save (``-rank-N.pt``, ``-shared.pt``) would become ``...-rank-1-rank-0.pt`` there: it is
 taken as its save's name instead, and the run says so.
+
+In a multi-process run every rank checks, then all meet before any stops: each stops with its own
+line, or, where its own file exists but another rank's does not, with a line saying it stops with
+them.
 """
 import logging
 import os
 from typing import List
 
+import torch
+import torch.distributed as dist
 from fairseq import checkpoint_utils
 from omegaconf import DictConfig, open_dict
 
@@ -89,9 +95,35 @@ def check_restore_file(cfg, suffix: str):
                     f"overwritten (leave --restore-file out to resume from --save-dir's checkpoint_last)")
 
 
+def _ranks_refusing(refused: bool) -> int:
+    """How many ranks of the run refused their --restore-file (0 or 1 outside a process group).
+
+    Every rank waits here for all the others before any of them stops. A rank that exits while
+    another is still building its Trainer takes the rendezvous store down with it (rank 0 hosts
+    it), and the slower rank dies in fairseq's setup with "Connection reset by peer" and a
+    traceback instead of the one-line refusal."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(refused)
+    on_gpu = dist.get_backend() == "nccl"
+    count = torch.tensor([int(refused)], device=torch.cuda.current_device() if on_gpu else "cpu")
+    dist.all_reduce(count)
+    return int(count.item())
+
+
 def _checked_load_checkpoint(original):
     def load_checkpoint(cfg, trainer, **passthrough_args):
-        check_restore_file(cfg, trainer.checkpoint_suffix)
+        try:
+            check_restore_file(cfg, trainer.checkpoint_suffix)
+            refusal = None
+        except ThorError as error:
+            refusal = error
+        refusing = _ranks_refusing(refusal is not None)
+        if refusal is not None:
+            raise refusal
+        if refusing:
+            raise ThorError(f"--restore-file {cfg.restore_file}: {refusing} other rank(s) found no "
+                            f"checkpoint to restore; this rank stops with them, so no save is "
+                            f"overwritten")
         return original(cfg, trainer, **passthrough_args)
 
     load_checkpoint.thor_restore_checked = True
