@@ -8,8 +8,10 @@ import glob
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from typing import Dict, List, Optional
@@ -30,20 +32,37 @@ def step(message: str):
     print(f"\n==> [{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def exit_on_sigterm():
+    """Make ``kill PID`` of a benchmark unwind like Ctrl-C, so that ``run`` stops its child too.
+
+    By default SIGTERM ends Python at once, skipping ``finally``: the fairseq-train it started
+    kept training, orphaned, and a rerun of the study then had two trainings writing one cell's
+    checkpoints. Only the main thread may set a handler, and one set by the caller is kept."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run(cmd, log_path: str, echo=lambda line: None, env=None) -> str:
     """Run ``cmd`` from the repository root and save its output; prints what ``echo`` makes of
     a line (when not None); raises with the output's tail if it fails."""
+    exit_on_sigterm()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
-    # line-buffered: a run killed from outside (a study interrupted) keeps its log up to the kill
-    with open(log_path, "w", encoding="utf-8", buffering=1) as log:
-        for line in proc.stdout:
-            log.write(line)
-            lines.append(line)
-            shown = echo(line)
-            if shown is not None:
-                print("    " + shown, flush=True)
+    try:
+        # line-buffered: a run killed from outside (a study interrupted) keeps its log up to the kill
+        with open(log_path, "w", encoding="utf-8", buffering=1) as log:
+            for line in proc.stdout:
+                log.write(line)
+                lines.append(line)
+                shown = echo(line)
+                if shown is not None:
+                    print("    " + shown, flush=True)
+    finally:
+        if proc.poll() is None:  # leaving on Ctrl-C or a kill: the training goes with us
+            proc.terminate()
+            proc.wait()
     if proc.wait() != 0:
         raise RuntimeError(f"{os.path.basename(str(cmd[0]))} exited {proc.returncode}; "
                            f"log {log_path}:\n" + "".join(lines[-25:]))
