@@ -336,6 +336,48 @@ def run_converge_cell(args, name: str, seed: int, env: dict, settings: dict) -> 
     return cell
 
 
+# ---- how long the rest of the plan takes -------------------------------------------------------
+
+VALIDATION_SHARE = 1.03  # greedy validation BLEU and a save every 250 updates add ~3% (the pilot)
+
+
+def updates_logged(args, name: str, seed: int) -> int:
+    """The last update an unfinished cell's attempts have logged (0 when it has not started)."""
+    work = cell_work(args, name, seed)
+    if not os.path.isdir(work):
+        return 0
+    texts = []
+    for path in attempt_logs(work):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append(f.read())
+    return max(progress_across_attempts(texts), default=0)
+
+
+def time_left(args, todo: List[tuple], settings: dict) -> dict:
+    """Seconds left for ``todo`` at the calibrated seconds per update: each cell's expected updates
+    (the mean of the finished cells') less what its work folder has trained; or {"missing": why}.
+    A cell's own elapsed time says nothing here: it is the last of several attempts, under
+    whatever load and threads each had."""
+    cells_dir = os.path.join(args.out, "cells")
+    finished = [c for c in (read_cell(os.path.join(cells_dir, n)) for n in
+                            (sorted(os.listdir(cells_dir)) if os.path.isdir(cells_dir) else []))
+                if c and c.get("status") == "ok" and c.get("mode") == "converge"]
+    if not finished:
+        return {"missing": "after the first cell"}
+    costs, why = training_cost.load(args.out, settings)
+    if costs is None:
+        return {"missing": f"unknown: {why}"}
+    uncalibrated = sorted({name for name, _ in todo} - set(costs))
+    if uncalibrated:
+        return {"missing": f"unknown: {training_cost.COST_FILE} has no seconds per update for "
+                           f"{', '.join(uncalibrated)}; run benchmarks/quality.py --converge --measure-cost "
+                           "with them in --plan"}
+    expected = sum(c["updates"] for c in finished) / len(finished)
+    left = sum(max(expected - updates_logged(args, name, seed), 0) * costs[name] for name, seed in todo)
+    return {"seconds": left * VALIDATION_SHARE, "updates_per_cell": expected,
+            "threads": training_cost.load_threads(args.out)}
+
+
 def needs_rescoring(args, cell: dict) -> bool:
     """A finished cell whose equal-time view was missing (no dense cell or no cost calibration
     yet) and whose trained checkpoints are still there."""

@@ -38,7 +38,8 @@ state, up to ~1.1 GB per cell (thor4: ~22 files of ~51 MB).
 Cost on 2 CPU cores with --threads 1 (tuning runs of this recipe, one neighbour job): ~1.1 s per
 update for a one-pass model and ~2.7 s for THOR, i.e. ~20 and ~45 minutes per cell with
 validation and decoding; the default plan (7 one-pass, 7 two-pass cells) ~7.5 hours, spread over
-sittings. The progress lines give an ETA from the cells already finished.
+sittings. The progress lines give an ETA from the cells already finished (with --converge: the
+finished cells' updates, less what each unfinished cell has trained, at the calibrated cost).
 """
 import argparse
 import os
@@ -53,7 +54,8 @@ import quality_report  # noqa: E402
 from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data_problem  # noqa: E402
 import convergence_report  # noqa: E402
 import training_cost  # noqa: E402
-from convergence_cells import converge_recipe, needs_rescoring, run_converge_cell, without_threads  # noqa: E402
+from convergence_cells import (converge_recipe, needs_rescoring, run_converge_cell, without_threads,  # noqa: E402
+                               time_left as converge_time_left)
 from quality_cells import (MODELS, SETTINGS, cell_path, host_info, read_cell, recipe, recipe_change,  # noqa: E402
                            run_cell)
 
@@ -93,7 +95,13 @@ def hms(seconds: float) -> str:
 
 def eta(args, todo: List[tuple]) -> str:
     """Remaining time for ``todo`` cells from the durations of the finished ones (same model when
-    there are any, else all)."""
+    there are any, else all); with --converge, from the calibrated cost of what is left to train."""
+    if args.converge:
+        left = converge_time_left(args, todo, settings(args))
+        if "missing" in left:
+            return f"ETA {left['missing']}; {n_cells(len(todo))} to run"
+        return (f"ETA {hms(left['seconds'])} for {n_cells(len(todo))} at the calibrated speed "
+                f"(--threads {left['threads']} on idle cores, ~{left['updates_per_cell']:,.0f} updates a cell)")
     done = [c for c in quality_report.load_cells(os.path.join(args.out, "cells")) if c["status"] == "ok"]
     if not done:
         return f"ETA after the first cell; {n_cells(len(todo))} to run"

@@ -108,3 +108,9 @@ def load(out_dir: str, settings: dict) -> tuple:
         return None, (f"{path} was measured with another recipe (differs in {', '.join(changed)}); "
                       "run benchmarks/quality.py --converge --measure-cost again")
     return recorded["s_per_update"], None
+
+
+def load_threads(out_dir: str):
+    """The --threads the calibration ran with (None: torch's default)."""
+    with open(os.path.join(out_dir, COST_FILE)) as f:
+        return json.load(f).get("threads")

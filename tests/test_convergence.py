@@ -253,3 +253,31 @@ def test_measure_cost_options_are_checked_by_name(capsys):
     with pytest.raises(SystemExit):
         quality.parse_args(["--measure-cost"])
     assert "--measure-cost belong to --converge" in capsys.readouterr().err
+
+
+def test_the_eta_counts_what_is_left_to_train_at_the_calibrated_cost(tmp_path):
+    import quality
+    import training_cost
+
+    args = quality.parse_args(["--converge", "--plan", "dense:1,thor2:2",
+                               "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    todo = [("thor2", 1), ("thor2", 2)]
+    assert quality.eta(args, todo) == "ETA after the first cell; 2 cells to run"
+    (tmp_path / "out" / "cells").mkdir(parents=True)
+    (tmp_path / "out" / "cells" / "dense-seed1.json").write_text(json.dumps(
+        {"model": "dense", "seed": 1, "status": "ok", "mode": "converge", "updates": 20000}))
+    assert quality.eta(args, todo).startswith("ETA unknown: no cost calibration (")
+    settings = quality.settings(args)
+    training_cost.write(str(tmp_path / "out"), {"s_per_update": {"dense": 0.5, "thor2": 1.2}, "threads": 2}, settings)
+    # thor2 seed 1 was killed after 5,000 updates, then resumed and killed again at 7,500
+    work = tmp_path / "work" / "cells" / "thor2-seed1"
+    work.mkdir(parents=True)
+    (work / "train-1.log").write_text("\n".join(
+        f"x | train_inner | epoch 001: num_updates={u}, train_wall=10" for u in (2500, 5000)))
+    (work / "train-2.log").write_text(
+        "x | fairseq.trainer | Loaded checkpoint c/checkpoint_last.pt (epoch 2 @ 5000 updates)\n"
+        "x | train_inner | epoch 002: num_updates=7500, train_wall=10")
+    seconds = ((20000 - 7500) + 20000) * 1.2 * convergence_cells.VALIDATION_SHARE
+    assert quality.eta(args, todo) == (f"ETA {quality.hms(seconds)} for 2 cells at the calibrated speed "
+                                       "(--threads 2 on idle cores, ~20,000 updates a cell)")
+    assert quality.eta(args, [("hash", 1)]).startswith("ETA unknown: cost.json has no seconds per update for hash;")
