@@ -100,8 +100,9 @@ def eta(args, todo: List[tuple]) -> str:
         left = converge_time_left(args, todo, settings(args))
         if "missing" in left:
             return f"ETA {left['missing']}; {n_cells(len(todo))} to run"
+        threads = f"--threads {left['threads']}" if left["threads"] else "torch's default threads"
         return (f"ETA {hms(left['seconds'])} for {n_cells(len(todo))} at the calibrated speed "
-                f"(--threads {left['threads']} on idle cores, ~{left['updates_per_cell']:,.0f} updates a cell)")
+                f"({threads} on idle cores, ~{left['updates_per_cell']:,.0f} updates a cell)")
     done = [c for c in quality_report.load_cells(os.path.join(args.out, "cells")) if c["status"] == "ok"]
     if not done:
         return f"ETA after the first cell; {n_cells(len(todo))} to run"
@@ -328,7 +329,8 @@ def main(argv=None) -> int:
         else:
             cell = run_cell(args, name, seed, env)
         if cell["status"] == "ok":
-            print(f"{tag} done {name} seed {seed} in {hms(cell['elapsed_s'])}: {done_line(cell)}", flush=True)
+            took = f"(this attempt {hms(cell['elapsed_s'])})" if args.converge else f"in {hms(cell['elapsed_s'])}"
+            print(f"{tag} done {name} seed {seed} {took}: {done_line(cell)}", flush=True)
         else:
             failed.append(f"{name} seed {seed}")
             print(f"{tag} FAILED {name} seed {seed} after {hms(cell['elapsed_s'])}: "

@@ -103,6 +103,13 @@ def test_patience_stops_the_run_before_its_cap(study):
         assert cell["best"]["valid_bleu"] == bleus[best] and cell["best"]["sentences"] > 0
         assert [p["updates"] for p in cell["curve"]] == list(range(5, cell["updates"] + 1, 5))
         assert all(isinstance(p["train_s"], float) for p in cell["curve"])
+    dense_updates = cell_of(study["root"] / "out", "dense-seed1.json")["updates"]
+    threads = json.loads((study["root"] / "out" / "cost.json").read_text())["threads"]
+    assert "[1/2] done dense seed 1 (this attempt " in output
+    starts = [line for line in output.splitlines() if "] start " in line]
+    assert starts[0].endswith("ETA after the first cell; 2 cells to run)")
+    assert starts[1].startswith("[2/2] start thor2 seed 1 at ") and starts[1].endswith(
+        f"at the calibrated speed (--threads {threads} on idle cores, ~{dense_updates:,} updates a cell))"), starts
 
 
 def test_an_interrupted_cell_resumes_and_ends_like_an_uninterrupted_one(study):
