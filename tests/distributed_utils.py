@@ -1,5 +1,7 @@
 """Run a test body in W gloo processes on this CPU (expert-parallel tests)."""
+import os
 import socket
+import sys
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,8 +18,19 @@ def _entry(rank, world_size, port, body, args):
                             world_size=world_size)
     try:
         body(rank, world_size, *args)
+        try:
+            dist.barrier()  # no rank tears gloo down while another still works
+        except RuntimeError:
+            pass  # a rank failed and left: its own error is what mp.spawn must report, not this one
     finally:
         dist.destroy_process_group()
+    # A rank that passed ends here, not in the interpreter's shutdown: there gloo's background
+    # threads can be destroyed while still joinable and the process aborts ("terminate called
+    # without an active exception", SIGABRT; seen once in a fresh-clone run), failing a test whose
+    # body passed. fairseq_thor/errors.py ends a failing distributed command the same way.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_in_processes(body, world_size: int = 2, *args):
