@@ -38,6 +38,7 @@ import time
 from typing import Dict, List, Optional
 
 import fairseq_logs
+import quality_report
 import training_cost
 from cli_runs import BIN, USER_DIR, count_params, decode, run
 from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, recipe, recipe_change, started_cell,
@@ -77,6 +78,15 @@ def attempt_logs(work: str) -> List[str]:
     found = [(int(m.group(1)), name) for name in os.listdir(work)
              if (m := re.fullmatch(r"train-(\d+)\.log", name))]
     return [os.path.join(work, name) for _, name in sorted(found)]
+
+
+def attempt_texts(work: str) -> List[str]:
+    """What each attempt logged, oldest first (a byte cut by a kill is read as a replacement)."""
+    texts = []
+    for path in attempt_logs(work):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append(f.read())
+    return texts
 
 
 def resumed_at(log: str) -> int:
@@ -256,7 +266,7 @@ def train(args, cell: dict, work: str, env: dict) -> List[str]:
         record_attempt(work, number, args.threads)
         run(cmd, os.path.join(work, f"train-{number}.log"), echo=fairseq_logs.progress, env=env)
         write_atomic(finished, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return [open(p, encoding="utf-8").read() for p in attempt_logs(work)]
+    return attempt_texts(work)
 
 
 def train_and_score(args, cell: dict, work: str, env: dict, settings: dict):
@@ -346,11 +356,7 @@ def updates_logged(args, name: str, seed: int) -> int:
     work = cell_work(args, name, seed)
     if not os.path.isdir(work):
         return 0
-    texts = []
-    for path in attempt_logs(work):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            texts.append(f.read())
-    return max(progress_across_attempts(texts), default=0)
+    return max(progress_across_attempts(attempt_texts(work)), default=0)
 
 
 def time_left(args, todo: List[tuple], settings: dict) -> dict:
@@ -358,15 +364,14 @@ def time_left(args, todo: List[tuple], settings: dict) -> dict:
     (the mean of the finished cells') less what its work folder has trained; or {"missing": why}.
     A cell's own elapsed time says nothing here: it is the last of several attempts, under
     whatever load and threads each had."""
-    cells_dir = os.path.join(args.out, "cells")
-    finished = [c for c in (read_cell(os.path.join(cells_dir, n)) for n in
-                            (sorted(os.listdir(cells_dir)) if os.path.isdir(cells_dir) else []))
-                if c and c.get("status") == "ok" and c.get("mode") == "converge"]
+    finished = [c for c in quality_report.load_cells(os.path.join(args.out, "cells"))
+                if c.get("status") == "ok" and c.get("mode") == "converge"]
     if not finished:
         return {"missing": "after the first cell"}
-    costs, why = training_cost.load(args.out, settings)
-    if costs is None:
+    recorded, why = training_cost.calibration(args.out, settings)
+    if recorded is None:
         return {"missing": f"unknown: {why}"}
+    costs = recorded["s_per_update"]
     uncalibrated = sorted({name for name, _ in todo} - set(costs))
     if uncalibrated:
         return {"missing": f"unknown: {training_cost.COST_FILE} has no seconds per update for "
@@ -375,7 +380,7 @@ def time_left(args, todo: List[tuple], settings: dict) -> dict:
     expected = sum(c["updates"] for c in finished) / len(finished)
     left = sum(max(expected - updates_logged(args, name, seed), 0) * costs[name] for name, seed in todo)
     return {"seconds": left * VALIDATION_SHARE, "updates_per_cell": expected,
-            "threads": training_cost.load_threads(args.out)}
+            "threads": recorded.get("threads")}
 
 
 def needs_rescoring(args, cell: dict) -> bool:

@@ -94,8 +94,8 @@ def write(out_dir: str, measured: dict, settings: dict):
     write_atomic(os.path.join(out_dir, COST_FILE), {**measured, "recipe": cost_key(settings)})
 
 
-def load(out_dir: str, settings: dict) -> tuple:
-    """(seconds per update by model, None) or (None, why there is no usable calibration)."""
+def calibration(out_dir: str, settings: dict) -> tuple:
+    """(the whole recorded calibration, None) or (None, why there is no usable calibration)."""
     recipe_key = cost_key(settings)
     path = os.path.join(out_dir, COST_FILE)
     if not os.path.exists(path):
@@ -107,10 +107,10 @@ def load(out_dir: str, settings: dict) -> tuple:
                          if recorded.get("recipe", {}).get(k) != recipe_key.get(k))
         return None, (f"{path} was measured with another recipe (differs in {', '.join(changed)}); "
                       "run benchmarks/quality.py --converge --measure-cost again")
-    return recorded["s_per_update"], None
+    return recorded, None
 
 
-def load_threads(out_dir: str):
-    """The --threads the calibration ran with (None: torch's default)."""
-    with open(os.path.join(out_dir, COST_FILE)) as f:
-        return json.load(f).get("threads")
+def load(out_dir: str, settings: dict) -> tuple:
+    """(seconds per update by model, None) or (None, why there is no usable calibration)."""
+    recorded, why = calibration(out_dir, settings)
+    return (recorded["s_per_update"], None) if recorded else (None, why)
