@@ -7,6 +7,10 @@ what the tokens mean), alternating the models so that machine noise hits them al
   label-smoothed CE), with the two passes as two calls and fused into one (``--fuse-passes``); two
   passes of a dense step's cost would make 0.5 the ceiling, which THOR's cheaper loss
   (modules/two_pass_loss) gets past on CPU and fusing may pass where one pass leaves a GPU underused;
+* training words/s of R-Drop on the dense model, as fairseq ships it (its criterion doubles the
+  batch and takes the KL from two more full-vocabulary softmaxes) and as the same terms computed by
+  ``thor_consistency`` on the dense model (two calls, the plugin's blockwise loss): the convergence
+  study's R-Drop row pays fairseq's implementation, and this shows how much of it is the loss;
 * decoding tokens/s: beam search with THOR at E = 1, 4, 16 (sentence routing, only the chosen
   expert computed) over dense; the aim is >= 0.9 at every E. ``--inference-routing path`` times
   the batches that routing decodes: the THOR tasks group sentences by their path expert, so the
@@ -26,6 +30,7 @@ import time
 import torch
 from fairseq import options
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+from fairseq.criterions.label_smoothed_cross_entropy_with_rdrop import RdropLabelSmoothedCrossEntropyCriterion
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
@@ -78,7 +83,8 @@ def time_training(model, criterion, sample, args):
 
     def step():
         optimizer.zero_grad()
-        loss, _, _ = criterion(model, sample)
+        # a fresh net_input dict: fairseq's R-Drop criterion replaces its tensors with doubled ones
+        loss, _, _ = criterion(model, {**sample, "net_input": dict(sample["net_input"])})
         loss.backward()
         optimizer.step()
 
@@ -180,6 +186,8 @@ def main():
         "dense": (dense, LabelSmoothedCrossEntropyCriterion(task, False, 0.1)),
         thor_name: (thor, ThorConsistencyCriterion(task, False, 0.1, 1.0)),
     }
+    setups["R-Drop fairseq"] = (dense, RdropLabelSmoothedCrossEntropyCriterion(task, False, 0.1, rdrop_alpha=1.0))
+    setups["R-Drop our loss"] = (dense, ThorConsistencyCriterion(task, False, 0.1, 1.0))  # same terms, our loss
     if args.train_routing in FUSABLE_ROUTING:  # --fuse-passes: one forward over the stacked batch
         setups[fused_name] = (thor, ThorConsistencyCriterion(task, False, 0.1, 1.0, fuse_passes=True))
     train = interleaved(lambda n: time_training(*setups[n], sample, args), list(setups), args.rounds)
@@ -194,21 +202,24 @@ def main():
     decode = interleaved(lambda n: time_decoding(models[n], dictionary, sample, args), list(models),
                          args.rounds)
 
-    print(f"\n{'training':<14}{'words/s':>10}{'ratio':>8}   ({args.train_routing} routing)")
+    print(f"\n{'training':<16}{'words/s':>10}{'ratio':>8}   ({args.train_routing} routing)")
     for name, wps in train.items():
-        print(f"{name:<14}{wps:>10.0f}{wps / train['dense']:>8.2f}")
+        print(f"{name:<16}{wps:>10.0f}{wps / train['dense']:>8.2f}")
     print(f"\n{'decoding':<14}{'tokens/s':>10}{'ratio':>8}   (beam {args.beam}, {args.inference_routing} routing)")
     for name, tps in decode.items():
         print(f"{name:<14}{tps:>10.0f}{tps / decode['dense']:>8.2f}")
     decode_ratios = {n: v / decode["dense"] for n, v in decode.items() if n != "dense"}
     fused = "" if fused_ratio is None else f", fused {fused_ratio:.2f}"
+    rdrop_cost = {n: train["dense"] / train[n] for n in ("R-Drop fairseq", "R-Drop our loss")}
+    print(f"\nR-Drop costs {rdrop_cost['R-Drop fairseq']:.2f}x dense per word with fairseq's criterion, "
+          f"{rdrop_cost['R-Drop our loss']:.2f}x with the same terms through thor_consistency")
     print(f"\ntraining ratio {train_ratio:.2f}{fused} (aim >= 0.47); "
           f"lowest decoding ratio {min(decode_ratios.values()):.2f} (aim >= 0.90)")
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"config": vars(args), "train_words_per_s": train, "train_ratio": train_ratio,
-                   "train_ratio_fused": fused_ratio,
+                   "train_ratio_fused": fused_ratio, "rdrop_cost_vs_dense": rdrop_cost,
                    "decode_tokens_per_s": decode, "decode_ratios": decode_ratios}, f, indent=2)
     print(f"wrote {args.out}")
 
