@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fairseq_thor.corpus.gettext_pairs import split_of
 
@@ -157,7 +158,7 @@ def test_run_sh_end_to_end_at_toy_size(tmp_path):
                WORK=str(work), LANGS="de fr", EN_DIRECTIONS="to-en", PIVOT_PAIRS="de-fr",
                MAX_TRAIN_PAIRS="200", MAX_VALID_PAIRS="8", MAX_TEST_PAIRS="8", VOCAB="400",
                LAYERS="1", EMBED_DIM="32", FFN_DIM="64", HEADS="2", MAX_UPDATE="3", TRAIN_MINUTES="1",
-               BEAM="2", LOG_INTERVAL="1", MODELS="thor dense switch hash", GATED_EXPERTS="2",
+               BEAM="2", LOG_INTERVAL="1", MODELS="thor dense switch hash", GATED_EXPERTS="2", SEED="7",
                # toy models gain nothing from threads, and torch's threads crawl on busy cores
                OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], env=env, capture_output=True,
@@ -179,3 +180,6 @@ def test_run_sh_end_to_end_at_toy_size(tmp_path):
     assert "consistency=" in out  # THOR trained with its criterion
     # the joined dictionary under every language's name, as the multilingual task reads it
     assert {f"dict.{lang}.txt" for lang in ("en", "de", "fr")} <= set(os.listdir(work / "data-bin"))
+    for model in ("thor", "dense"):  # SEED reached fairseq-train (and, by the same variable, generate)
+        state = torch.load(work / "checkpoints" / model / "checkpoint_last.pt", weights_only=True)
+        assert state["cfg"]["common"]["seed"] == 7

@@ -36,6 +36,7 @@ ROUTING=${ROUTING:-sentence}             # --expert-routing (training)
 INFERENCE=${INFERENCE:-sentence}         # --inference-routing (decoding)
 SAMPLING_TEMPERATURE=${SAMPLING_TEMPERATURE:-5}  # direction sampling, p ~ size^(1/T)
 BEAM=${BEAM:-5}
+SEED=${SEED:-1}                          # --seed of training and decoding (THOR draws its experts from it)
 DECODE_JOBS=${DECODE_JOBS:-2}            # fairseq-generate processes at a time (one thread each)
 LOG_INTERVAL=${LOG_INTERVAL:-50}
 EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}
@@ -137,7 +138,7 @@ for model in $MODELS; do
     --max-tokens "$MAX_TOKENS" --max-update "$MAX_UPDATE" \
     --stop-time-hours "$(python -c "print($TRAIN_MINUTES / 60)")" \
     --save-dir "$CKPT/$model" --no-epoch-checkpoints --log-format simple --log-interval "$LOG_INTERVAL" \
-    --seed 1 $EXTRA_TRAIN_ARGS \
+    --seed "$SEED" $EXTRA_TRAIN_ARGS \
     2>&1 | grep --line-buffered -E "train_inner|valid on|\| train \||done training|Error|error" \
          | sed -u 's/^.*| INFO | //'
   [ -s "$CKPT/$model/checkpoint_last.pt" ] || { echo "error: training $model wrote no checkpoint" >&2; exit 1; }
@@ -153,7 +154,7 @@ decode() {  # MODEL DIRECTION
   OMP_NUM_THREADS=1 fairseq-generate "$BIN" "${TASK_ARGS[@]}" $DEVICE_ARGS "${args[@]}" \
     --source-lang "${2%-*}" --target-lang "${2#*-}" --path "$CKPT/$1/checkpoint_last.pt" \
     --gen-subset test --beam "$BEAM" --max-tokens 8000 --max-len-a 1.5 --max-len-b 10 \
-    --remove-bpe sentencepiece --seed 1 > "$log" 2>&1 || { echo "error: decoding $2 with $1 failed:"; tail -20 "$log"; return 1; }
+    --remove-bpe sentencepiece --seed "$SEED" > "$log" 2>&1 || { echo "error: decoding $2 with $1 failed:"; tail -20 "$log"; return 1; }
   printf '    %-6s %-6s %4d sentences decoded (%d s)\n' "$1" "$2" "$(grep -c '^H-' "$log")" $((SECONDS - t0))
 }
 rm -rf "$OUT"  # no hypotheses left from an earlier run
