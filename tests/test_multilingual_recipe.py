@@ -20,6 +20,7 @@ sys.path.insert(0, RECIPE)
 
 import bleu_table  # noqa: E402
 import prepare  # noqa: E402
+import seeds_table  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
 
@@ -149,6 +150,47 @@ def test_bleu_table_scores_every_direction_and_refuses_missing_hypotheses(tmp_pa
     log.write_text("\n".join(log.read_text().splitlines()[:-1]) + "\n")  # one hypothesis missing
     with pytest.raises(ValueError, match="dense fr-en: .* hypotheses for"):
         bleu_table.score(str(raw), str(generate), ["thor", "dense"])
+
+
+def bleu_run(path, bleu: dict, sentences=200):
+    """A bleu_table.py result for directions -> {model: BLEU}, written to ``path``."""
+    models = list(next(iter(bleu.values())))
+    mean = {m: round(sum(row[m] for row in bleu.values()) / len(bleu), 2) for m in models}
+    path.write_text(json.dumps({"metric": "sacreBLEU x", "models": models, "bleu": bleu, "mean": mean,
+                                "test_sentences": dict.fromkeys(bleu, sentences)}))
+    return str(path)
+
+
+def test_seeds_table_pools_seeds_and_compares_each_model_with_the_first(tmp_path, capsys):
+    one = bleu_run(tmp_path / "1.json", {"de-en": {"thor": 10.0, "switch": 12.0},
+                                         "en-de": {"thor": 20.0, "switch": 19.0}})
+    two = bleu_run(tmp_path / "2.json", {"de-en": {"thor": 14.0, "switch": 12.0},
+                                         "en-de": {"thor": 20.0, "switch": 21.0}})
+    assert seeds_table.main([one, two, "--out", str(tmp_path / "seeds")]) == 0
+    result = json.loads((tmp_path / "seeds.json").read_text())
+    assert result["mean_by_seed"] == {"thor": [15.0, 17.0], "switch": [15.5, 16.5]}
+    assert result["mean"]["thor"] == {"mean": 16.0, "std": 1.41, "min": 15.0, "max": 17.0, "n": 2}
+    assert result["thor_minus"]["switch"]["by_seed"] == [-0.5, 0.5]
+    assert result["thor_minus"]["switch"]["mean"] == 0.0
+    assert result["bleu"] == {"de-en": {"thor": 12.0, "switch": 12.0}, "en-de": {"thor": 20.0, "switch": 20.0}}
+    assert result["thor_leads_on"] == {"switch": 0}  # ties are not leads
+    table = (tmp_path / "seeds.md").read_text()
+    assert "| switch | 15.50, 16.50 | 16.00 ± 0.71 | -0.50, +0.50 | +0.00 ± 0.71 | 0 of 2 |" in table
+    assert table in capsys.readouterr().out
+
+
+def test_seeds_table_refuses_runs_of_another_corpus(tmp_path, capsys):
+    one = bleu_run(tmp_path / "1.json", {"de-en": {"thor": 10.0, "dense": 12.0}})
+    other = bleu_run(tmp_path / "2.json", {"de-en": {"thor": 11.0, "dense": 12.0}}, sentences=100)
+    assert seeds_table.main([one, other, "--out", str(tmp_path / "seeds")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {other}: its test_sentences" in err and "only runs of the same corpus" in err
+    (tmp_path / "3.json").write_text(json.dumps({"bleu": {}}))
+    assert seeds_table.main([one, str(tmp_path / "3.json"), "--out", str(tmp_path / "seeds")]) == 1
+    assert "3.json: not a bleu_table.py result (no mean, metric, models, test_sentences)" in capsys.readouterr().err
+    assert seeds_table.main([one, one, "--out", str(tmp_path / "seeds")]) == 1
+    assert f"{one} and {one} hold the same scores: the same run twice?" in capsys.readouterr().err
+    assert not (tmp_path / "seeds.json").exists()
 
 
 @pytest.mark.cli
