@@ -165,10 +165,11 @@ def generate_command(args, checkpoint: str, extra=(), plugin: bool = True) -> li
     ]]
 
 
-def decode(args, checkpoint: str, log_path: str, env: dict, extra=(), plugin: bool = True) -> dict:
+def decode(args, checkpoint: str, log_path: str, env: dict, extra=(), plugin: bool = True,
+           keep_texts: bool = False) -> dict:
     """Decode the test split with beam 5 and score it with detokenized sacreBLEU (BLEU, chrF2)
     against ``args.reference_file`` or fairseq's ``T-`` lines; raises unless every test sentence
-    has a hypothesis."""
+    has a hypothesis. ``keep_texts``: the result also holds the hypotheses and references scored."""
     cmd = generate_command(args, checkpoint, extra, plugin)
     decoded = logs.parse_generate_log(run(cmd, log_path, env=env))
     hypotheses, references = decoded.pop("hypotheses"), decoded.pop("references")
@@ -179,7 +180,8 @@ def decode(args, checkpoint: str, log_path: str, env: dict, extra=(), plugin: bo
     if args.reference_file:
         with open(args.reference_file, encoding="utf-8") as f:
             references = [line.rstrip("\n") for line in f]
-    return {**sacrebleu_scores(hypotheses, references), **decoded, "generate_command": cmd}
+    texts = {"hypotheses": hypotheses, "references": references} if keep_texts else {}
+    return {**sacrebleu_scores(hypotheses, references), **decoded, "generate_command": cmd, **texts}
 
 
 def count_params(checkpoint: str, total_params: int, num_experts: int, experts_per_token: int) -> dict:

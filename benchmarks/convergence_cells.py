@@ -27,9 +27,14 @@ Three checkpoints are decoded on test (beam 5, detokenized sacreBLEU, every sent
   measured side by side (``training_cost.py``), because a cell's attempts run under whatever load
   and threads each sitting had. Only the ratio of two models' costs enters the budget.
 
+Each view's test translations are written to ``OUT/translations/`` (committed, for paired
+significance tests between models). A scored cell keeps only the checkpoints its views were
+decoded from, for inference-mode rows, serving and export of a converged model.
+
 Threads are not part of a cell's recipe: an attempt may resume with another ``--threads`` (one
 beside other work, two on idle cores); each attempt's threads are recorded.
 """
+import hashlib
 import json
 import os
 import re
@@ -45,6 +50,7 @@ from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, rec
                            train_command, write_atomic)
 
 VALID_BLEU_ARGS = '{"beam": 1, "max_len_a": 1.5, "max_len_b": 10}'  # greedy: validation stays cheap
+TRANSLATIONS = "translations"  # under OUT: each scored checkpoint's test translations
 RESUMED = re.compile(r"[Ll]oaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
 
 
@@ -207,9 +213,47 @@ def equal_time_budget(args, name: str, seed: int, settings: dict) -> dict:
             "budget_updates": int(budget_s / costs[name])}
 
 
-def scored(args, checkpoint: str, point: dict, work: str, tag: str, env: dict) -> dict:
-    scores = decode(args, checkpoint, os.path.join(work, f"generate-{tag}.log"), env)
-    return {**{k: point.get(k) for k in ("updates", "train_s")}, "valid_bleu": point.get("bleu"), **scores}
+def scored(args, name: str, checkpoint: str, point: dict, work: str, tag: str, env: dict) -> dict:
+    """Decode ``checkpoint`` on test and score it; its translations go to
+    ``OUT/translations/NAME-seedS.TAG.txt`` (committed with the cell: paired significance tests
+    between models need the sentences, not only the corpus score) and the references scored
+    against to ``OUT/translations/references.txt`` (the same file for every cell of a corpus; the
+    view records its SHA-1 so that a test can tell)."""
+    scores = decode(args, checkpoint, os.path.join(work, f"generate-{tag}.log"), env, keep_texts=True)
+    folder = os.path.join(args.out, TRANSLATIONS)
+    translations = os.path.join(folder, f"{name}-seed{args.seed}.{tag}.txt")
+    write_lines(translations, scores.pop("hypotheses"))
+    references = scores.pop("references")
+    write_lines(os.path.join(folder, "references.txt"), references)
+    return {**{k: point.get(k) for k in ("updates", "train_s")}, "valid_bleu": point.get("bleu"), **scores,
+            "checkpoint": os.path.basename(checkpoint), "translations": os.path.relpath(translations, args.out),
+            "references_sha1": lines_sha1(references)}
+
+
+def write_lines(path: str, lines: List[str]):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def lines_sha1(lines: List[str]) -> str:
+    return hashlib.sha1("".join(line + "\n" for line in lines).encode("utf-8")).hexdigest()
+
+
+def keep_scored_checkpoints(work: str, cell: dict) -> List[str]:
+    """After a cell is scored: delete the update checkpoints and ``checkpoint_last.pt`` (dozens of
+    ~85 MB files with optimizer state), keep the ones its views were decoded from (what inference
+    modes, serving and export of a converged model start from) and the logs. Without
+    ``checkpoint_last.pt`` the folder is no longer resumable, so a rerun of the cell trains afresh."""
+    save_dir = os.path.join(work, "checkpoints")
+    kept = sorted({cell[view]["checkpoint"] for view in ("best", "averaged", "equal_time")
+                   if "checkpoint" in cell.get(view, {})})
+    for file in os.listdir(save_dir):
+        if file.endswith(".pt") and file not in kept:
+            os.remove(os.path.join(save_dir, file))
+    return [os.path.join(save_dir, file) for file in kept]
 
 
 def average_checkpoints(args, save_dir: str, env: dict) -> tuple:
@@ -295,9 +339,9 @@ def train_and_score(args, cell: dict, work: str, env: dict, settings: dict):
                              model.experts or args.gated_experts, 1))
 
     seeded = _with_seed(args, seed)
-    cell["best"] = scored(seeded, saved[best_point["updates"]], best_point, work, "best", env)
+    cell["best"] = scored(seeded, name, saved[best_point["updates"]], best_point, work, "best", env)
     averaged, chosen = average_checkpoints(args, save_dir, env)
-    cell["averaged"] = {"checkpoints": chosen, **scored(seeded, averaged, {"updates": chosen[-1],
+    cell["averaged"] = {"checkpoints": chosen, **scored(seeded, name, averaged, {"updates": chosen[-1],
                         "train_s": seconds.get(chosen[-1])}, work, "averaged", env)}
     if name == "dense":
         cell["equal_time"] = {"from": "its own best", **cell["best"]}
@@ -312,7 +356,7 @@ def train_and_score(args, cell: dict, work: str, env: dict, settings: dict):
     elif point["updates"] == best_point["updates"]:
         cell["equal_time"] = {**budget, **cell["best"]}
     else:
-        cell["equal_time"] = {**budget, **scored(seeded, saved[point["updates"]], point, work, "equal-time", env)}
+        cell["equal_time"] = {**budget, **scored(seeded, name, saved[point["updates"]], point, work, "equal-time", env)}
 
 
 def _with_seed(args, seed: int):
@@ -342,7 +386,9 @@ def run_converge_cell(args, name: str, seed: int, env: dict, settings: dict) -> 
         print(f"    {name} seed {seed}: equal training time not scored ({cell['equal_time']['missing']}); "
               f"keeping {work} to score it on a rerun", flush=True)
     elif cell["status"] == "ok" and not args.keep:  # a failed or interrupted cell keeps what resumes it
-        shutil.rmtree(work, ignore_errors=True)
+        kept = keep_scored_checkpoints(work, cell)
+        print(f"    {name} seed {seed}: kept its scored checkpoints ({', '.join(map(os.path.basename, kept))}) "
+              f"in {os.path.dirname(kept[0]) if kept else work}; the other checkpoints are deleted", flush=True)
     return cell
 
 

@@ -33,7 +33,9 @@ done; a rerun skips finished cells (--rerun retrains them), retries failed ones 
 recorded with another recipe. A failing cell is written with its error, the others still run, and
 the script exits 1. Checkpoints and logs go to WORK/cells/<model>-seed<S>/, removed once the
 cell is written unless --keep (a failed cell's logs stay); checkpoints are saved without optimizer
-state, up to ~1.1 GB per cell (thor4: ~22 files of ~51 MB).
+state, up to ~1.1 GB per cell (thor4: ~22 files of ~51 MB). With --converge a finished cell keeps
+the checkpoints its views were decoded from (best, averaged, equal time) and its logs, and its test
+translations go to OUT/translations/ beside the cell file.
 
 Cost on 2 CPU cores with --threads 1 (tuning runs of this recipe, one neighbour job): ~1.1 s per
 update for a one-pass model and ~2.7 s for THOR, i.e. ~20 and ~45 minutes per cell with

@@ -168,7 +168,29 @@ def test_a_cell_without_a_budget_keeps_its_checkpoints_and_is_rescored_once_ther
     timed = rescored["equal_time"]  # scored now: a budget from dense seed 1 and the copied calibration
     assert timed["from"] == "dense seed 1" and timed["budget_updates"] >= 0
     assert "bleu" in timed or timed["missing"] == f"no checkpoint within {timed['budget_updates']} updates"
-    assert not (root / "work-killed" / "cells" / "thor2-seed1").exists()  # scored: no longer kept
+    # scored: only the checkpoints its views were decoded from stay, and no checkpoint_last.pt to resume
+    views = [rescored[v] for v in ("best", "averaged", "equal_time") if "checkpoint" in rescored[v]]
+    kept = root / "work-killed" / "cells" / "thor2-seed1" / "checkpoints"
+    assert sorted(os.listdir(kept)) == sorted({v["checkpoint"] for v in views})
+    assert "average-last2.pt" in os.listdir(kept) and "checkpoint_last.pt" not in os.listdir(kept)
+    assert "thor2 seed 1: kept its scored checkpoints (" in output
+
+
+def test_each_scored_view_commits_its_translations_and_they_give_its_score(study):
+    import sacrebleu
+
+    out = study["root"] / "out"
+    lines = lambda path: path.read_text(encoding="utf-8").split("\n")[:-1]  # noqa: E731 (one per sentence)
+    references = lines(out / "translations" / "references.txt")
+    for name in ("dense-seed1.json", "thor2-seed1.json"):
+        cell = cell_of(out, name)
+        for view in ("best", "averaged"):
+            scored = cell[view]
+            assert scored["translations"] == f"translations/{name[:-5]}.{view}.txt"
+            hypotheses = lines(out / scored["translations"])
+            assert len(hypotheses) == len(references) == scored["sentences"]
+            assert round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2) == scored["bleu"]
+            assert scored["references_sha1"] == convergence_cells.lines_sha1(references)
 
 
 def test_cost_calibration_of_another_recipe_is_refused(tmp_path):
