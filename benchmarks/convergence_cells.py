@@ -34,7 +34,6 @@ decoded from, for inference-mode rows, serving and export of a converged model.
 Threads are not part of a cell's recipe: an attempt may resume with another ``--threads`` (one
 beside other work, two on idle cores); each attempt's threads are recorded.
 """
-import hashlib
 import json
 import os
 import re
@@ -43,6 +42,7 @@ import time
 from typing import Dict, List, Optional
 
 import fairseq_logs
+from paired_significance import lines_sha1
 import quality_report
 import training_cost
 from cli_runs import BIN, USER_DIR, count_params, decode, run
@@ -236,10 +236,6 @@ def write_lines(path: str, lines: List[str]):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in lines))
     os.replace(tmp, path)
-
-
-def lines_sha1(lines: List[str]) -> str:
-    return hashlib.sha1("".join(line + "\n" for line in lines).encode("utf-8")).hexdigest()
 
 
 def keep_scored_checkpoints(work: str, cell: dict) -> List[str]:

@@ -9,14 +9,17 @@ Three views per model, each mean ± sample std over seeds: the best checkpoint (
 the average of the last N checkpoints, and equal training time (the best checkpoint within the
 seconds dense needed to reach its best). Time is calibrated: updates x the model's seconds per
 update measured side by side (``cost.json``, ``training_cost.py``); the cells' own ``train_wall``
-is shown too, but it mixes sittings with different load and threads. The differences table compares every THOR row with the
-baselines and THOR rows with each other, called beyond the spread when the difference exceeds the
-sum of the two standard deviations; the targets of the study are evaluated from it.
+is shown too, but it mixes sittings with different load and threads. The differences table
+compares every THOR row with the baselines and THOR rows with each other, called beyond the spread when the difference exceeds the
+sum of the two standard deviations; the targets of the study are evaluated from it. Paired
+bootstrap tests on the test sentences (``paired_significance.py``) add the test-set noise of each
+pair of cells whose translations are committed.
 """
 import json
 import os
 from typing import List, Optional
 
+import paired_significance
 import training_cost
 from fairseq_logs import error_summary
 from quality_report import load_cells, mean_std, stats, table
@@ -93,11 +96,15 @@ def _difference(a: dict, b: dict) -> Optional[dict]:
             "beyond_spread": None if spread is None else abs(delta) > spread}
 
 
+PAIRS = [(t, b) for t in THOR_ROWS for b in BASELINES] + [("thor4", "thor2"), ("thor8", "thor4"), ("thor2a5", "thor2")]
+# paired tests on the test sentences: every pair at its best checkpoints, and at equal training time
+# against dense (whose time is the budget)
+PAIRED_VIEWS = {b: ["best", "equal_time"] if b == "dense" else ["best"] for b in {b for _, b in PAIRS}}
+
+
 def differences(models: dict) -> List[dict]:
-    pairs = [(t, b) for t in THOR_ROWS for b in BASELINES] + [
-        ("thor4", "thor2"), ("thor8", "thor4"), ("thor2a5", "thor2")]
     out = []
-    for a, b in pairs:
+    for a, b in PAIRS:
         if a not in models or b not in models:
             continue
         for view in VIEWS:
@@ -188,6 +195,7 @@ def markdown(result: dict) -> str:
                        (f"{d[m]['delta']:+.2f}", "—" if d[m]["spread"] is None else f"{d[m]['spread']:.2f}",
                         verdict[d[m]["beyond_spread"]]) if m in d else ("—", "—", "—")))]
                   for d in result["differences"]])
+    out += paired_markdown(result.get("paired"))
     out += ["## Cells", ""]
     rows, notes = [], []
     for r in result["cells"]:
@@ -210,6 +218,25 @@ def markdown(result: dict) -> str:
         out += [f"- `{c['model']}` seed {c['seed']}: differs in {', '.join(c['differs_in'])}"
                 for c in result["other_recipe"]] + [""]
     return "\n".join(out)
+
+
+def paired_markdown(paired: Optional[dict]) -> List[str]:
+    if paired is None:
+        return []
+    out = ["## Paired bootstrap on the test sentences", "",
+           f"sacreBLEU's paired bootstrap resampling ({paired['resamples']:,} resamples) of one cell against "
+           "another: test-set noise for those two training runs, beside the seeds' spread above (training "
+           "noise). p: the probability of a difference at least this large by the choice of test sentences "
+           "alone. ± : each system's 95% confidence interval.", ""]
+    out += table(["difference", "view", "seeds", "BLEU", "Δ BLEU", "p"],
+                 [[r["difference"], r["view"].replace("_", " "), " vs ".join(map(str, r["seeds"])),
+                   f"{r['bleu'][0]:.2f} ± {r['ci'][0]:.2f} vs {r['bleu'][1]:.2f} ± {r['ci'][1]:.2f}",
+                   f"{r['delta']:+.2f}", f"{r['p']:.4f}"] for r in paired["rows"]]) if paired["rows"] else \
+        ["No pair of finished cells has committed translations yet.", ""]
+    if paired["without_translations"]:
+        out += ["Scored before translations were committed (not in these tests): "
+                + ", ".join(paired["without_translations"]) + ".", ""]
+    return out
 
 
 def cost_line(cost: dict) -> str:
@@ -267,6 +294,9 @@ def build(out_dir: str, order: List[str], settings: dict) -> dict:
     cells = load_cells(os.path.join(out_dir, "cells"))
     costs, missing = training_cost.load(out_dir, settings)
     result = summarize(cells, order, settings, costs, missing)
+    pooled = {(r["model"], r["seed"]) for r in result["cells"] if r["status"] == "ok"}
+    result["paired"] = paired_significance.tests(out_dir, [c for c in cells if (c["model"], c["seed"]) in pooled],
+                                                 PAIRS, PAIRED_VIEWS)
     with open(os.path.join(out_dir, "convergence.md"), "w") as f:
         f.write(markdown(result))
     with open(os.path.join(out_dir, "convergence.json"), "w") as f:

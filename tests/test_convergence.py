@@ -17,6 +17,7 @@ from test_cli import REPO, make_toy_data
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import convergence_cells  # noqa: E402
 import convergence_report  # noqa: E402
+import paired_significance  # noqa: E402
 
 pytestmark = pytest.mark.cli
 CAP = 40  # the toy --converge cap; patience 2 at one validation per 5 updates stops far sooner
@@ -190,7 +191,43 @@ def test_each_scored_view_commits_its_translations_and_they_give_its_score(study
             hypotheses = lines(out / scored["translations"])
             assert len(hypotheses) == len(references) == scored["sentences"]
             assert round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2) == scored["bleu"]
-            assert scored["references_sha1"] == convergence_cells.lines_sha1(references)
+            assert scored["references_sha1"] == paired_significance.lines_sha1(references)
+    report = (out / "convergence.md").read_text()  # both cells have translations: a paired row
+    assert "## Paired bootstrap on the test sentences" in report and "| thor2 - dense | best | 1 vs 1 | " in report
+
+
+def test_paired_bootstrap_pairs_cells_scored_against_the_same_references(tmp_path):
+    import sacrebleu
+
+    references = [f"the {w} sat on mat number {i}" for i, w in enumerate(["cat", "dog", "fox", "owl"] * 25)]
+    perfect, poor = references, [r.replace("sat on", "is under") for r in references]
+    folder = tmp_path / "translations"
+    folder.mkdir()
+    (folder / "references.txt").write_text("".join(r + "\n" for r in references))
+    sha1 = paired_significance.lines_sha1(references)
+
+    def cell(model, seed, lines, references_sha1=sha1):
+        (folder / f"{model}-seed{seed}.best.txt").write_text("".join(x + "\n" for x in lines))
+        view = {"translations": f"translations/{model}-seed{seed}.best.txt", "references_sha1": references_sha1}
+        return {"model": model, "seed": seed, "best": view, "equal_time": view}
+
+    cells = [cell("thor2", 1, perfect), cell("dense", 2, poor), {"model": "dense", "seed": 1, "best": {"bleu": 1}},
+             cell("hash", 1, poor, references_sha1="another corpus")]
+    result = paired_significance.tests(str(tmp_path), cells, [("thor2", "dense"), ("thor2", "hash")],
+                                       {"dense": ["best", "equal_time"], "hash": ["best"]})
+    assert [(r["difference"], r["view"], r["seeds"]) for r in result["rows"]] == [
+        ("thor2 - dense", "best", [1, 2]), ("thor2 - dense", "equal_time", [1, 2])]
+    row = result["rows"][0]
+    expected = sacrebleu.corpus_bleu(perfect, [references]).score - sacrebleu.corpus_bleu(poor, [references]).score
+    assert row["delta"] == round(expected, 2) and row["bleu"][0] == 100.0
+    assert row["p"] < 0.01  # every sentence better: no resample reverses it
+    assert result["without_translations"] == ["dense seed 1", "hash seed 1"]
+    # as good as each other, better on different sentences: nothing for the test to find
+    one, other = list(poor), list(poor)
+    one[:2], other[2:4] = references[:2], references[2:4]
+    tie = paired_significance.tests(str(tmp_path), [cell("thor2", 1, one), cell("dense", 2, other)],
+                                    [("thor2", "dense")], {"dense": ["best"]})["rows"][0]
+    assert tie["delta"] == 0 and tie["p"] > 0.2
 
 
 def test_cost_calibration_of_another_recipe_is_refused(tmp_path):
