@@ -42,10 +42,10 @@ import time
 from typing import Dict, List, Optional
 
 import fairseq_logs
-from paired_significance import lines_sha1
 import quality_report
 import training_cost
 from cli_runs import BIN, USER_DIR, count_params, decode, run
+from paired_significance import lines_sha1
 from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, recipe, recipe_change, started_cell,
                            train_command, write_atomic)
 
