@@ -6,9 +6,9 @@ This is the other half, as MT papers report it: sacreBLEU's paired bootstrap res
 2004; 1,000 resamples with sacreBLEU's fixed seed, so a report rebuilt from the same files gives the
 same p-values) on the translations each scored view committed (``OUT/translations/``, written by
 ``convergence_cells.scored``). The p-value is sacreBLEU's: two-sided, the share of resamples whose
-BLEU difference, centred on the resamples' mean, exceeds the observed one (+1 smoothing). One row
-per pair of cells: a difference counts when it holds across
-seeds *and* a pair's p-value is small, not on either alone.
+absolute BLEU difference, centred on the resamples' mean, exceeds the observed one (+1 smoothing;
+two identical systems get 1/1001, by design). One row per pair of cells: a difference counts
+when it holds across seeds *and* a pair's p-value is small, not on either alone.
 
 Two cells are compared only when both views were scored against the same references (their SHA-1s
 match ``translations/references.txt``); cells scored before translations were committed (the
