@@ -28,7 +28,7 @@ VIEWS = {"best": "best checkpoint (validation BLEU)", "averaged": "average of th
          "equal_time": "equal training time (best checkpoint within dense's time to its best)"}
 METRICS = {"bleu": "BLEU", "chrf": "chrF2"}
 THOR_ROWS = ("thor2", "thor2a5", "thor4", "thor8")
-BASELINES = ("dense", "rdrop", "hash", "switch")
+BASELINES = ("dense", "rdrop", "rdropf", "hash", "switch")
 NOT_RECIPE = ("data", "test_sentences", "references", "threads")  # the machine's, not the model's
 
 
@@ -96,7 +96,8 @@ def _difference(a: dict, b: dict) -> Optional[dict]:
             "beyond_spread": None if spread is None else abs(delta) > spread}
 
 
-PAIRS = [(t, b) for t in THOR_ROWS for b in BASELINES] + [("thor4", "thor2"), ("thor8", "thor4"), ("thor2a5", "thor2")]
+PAIRS = [(t, b) for t in THOR_ROWS for b in BASELINES] + [("thor4", "thor2"), ("thor8", "thor4"), ("thor2a5", "thor2"),
+                                                           ("rdropf", "rdrop")]  # one objective, two implementations
 # paired tests on the test sentences: every pair at its best checkpoints, and at equal training time
 # against dense (whose time is the budget)
 PAIRED_VIEWS = {b: ["best", "equal_time"] if b == "dense" else ["best"] for b in {b for _, b in PAIRS}}
@@ -158,7 +159,8 @@ def markdown(result: dict) -> str:
         f"batch. Validation (greedy BLEU) and a checkpoint every {s.get('save_every')} updates; training stops "
         f"after {s.get('patience')} validations without a better BLEU, or at {s.get('max_update')} updates. "
         f"Averaged: the last {s.get('average')} checkpoints. THOR alpha {s.get('consistency_alpha')} "
-        f"(thor2a5: 5); R-Drop alpha {s.get('rdrop_alpha')}; Switch and hash E={s.get('gated_experts')}. "
+        f"(thor2a5: 5); R-Drop alpha {s.get('rdrop_alpha')} (rdrop: fairseq's criterion; rdropf: the same "
+        f"terms through thor_consistency, cheaper per update); Switch and hash E={s.get('gated_experts')}. "
         f"Test split decoded with beam 5, detokenized sacreBLEU, every sentence.", "",
         "Mean ± sample standard deviation over seeds (n). Calibrated s: updates × the model's seconds "
         "per update measured side by side in one run (`cost.json`: " + cost_line(result["cost"]) + "). "

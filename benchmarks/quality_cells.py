@@ -41,6 +41,11 @@ MODELS = {  # dense first: the two-pass models of a seed get its training time
     "hash": Model(None, ["--expert-router", "hash", *GATED], False),
     "thor2a5": Model(2, THOR_ALPHA5, True),
     "thor8": Model(8, THOR, True),
+    # R-Drop's terms (two label-smoothed CEs + alpha x symmetric KL, ntokens normalisation) through
+    # thor_consistency on the dense model: the same objective as "rdrop" at 1.9x dense per update
+    # instead of fairseq's 3.2x (speed.py), for an equal-time view that charges the method, not
+    # fairseq's loss code. Not in a default plan: --plan rdropf:1
+    "rdropf": Model(1, ["--criterion", "thor_consistency", "--consistency-alpha", "{rdrop_alpha}"], True),
 }
 # the arguments every cell records (the report prints them in its header)
 SETTINGS = ["layers", "embed_dim", "ffn_dim", "heads", "normalize_before", "vocab", "max_update",

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import fairseq_logs as logs  # noqa: E402
 import quality  # noqa: E402
 import quality_cells  # noqa: E402
+import quality_cells  # noqa: E402
 import quality_report  # noqa: E402
 
 pytestmark = pytest.mark.cli
@@ -133,6 +134,18 @@ def test_plan_runs_seed_by_seed_with_dense_first():
         "dense": 2, "rdrop": 2, "hash": 2, "thor2a5": 1}
     assert (converge.dropout, converge.patience, converge.out.endswith("results/convergence")) == (0.3, 8, True)
     assert quality.parse_args([]).dropout == 0.1  # the 1,000-update study's recipe is unchanged
+
+
+def test_rdropf_is_rdrop_s_objective_through_the_plugin_s_loss():
+    args = quality.parse_args(["--converge", "--rdrop-alpha", "0.7", "--consistency-alpha-warmup-updates", "50"])
+    args.device_flags, args.data = ["--cpu"], "DATA"  # set by main() once the corpus exists
+    fast = quality_cells.train_command(args, "rdropf", 1, "SAVE")
+    fairseq_rdrop = quality_cells.train_command(args, "rdrop", 1, "SAVE")
+    flag = lambda cmd, name: cmd[cmd.index(name) + 1]  # noqa: E731
+    assert flag(fast, "--criterion") == "thor_consistency" and flag(fast, "--consistency-alpha") == "0.7"
+    assert flag(fast, "--num-experts") == flag(fairseq_rdrop, "--num-experts") == "1"
+    assert "--consistency-alpha-warmup-updates" not in fast  # R-Drop has no warm-up: neither does its twin
+    assert quality.MODELS["rdropf"].two_pass and ("rdropf", 1) not in args.cells
 
 
 def test_train_time_per_update_sums_train_inner_train_wall():
