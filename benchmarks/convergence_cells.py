@@ -45,12 +45,11 @@ import fairseq_logs
 import quality_report
 import training_cost
 from cli_runs import BIN, USER_DIR, count_params, decode, run
-from paired_significance import lines_sha1
+from paired_significance import REFERENCES, TRANSLATIONS, lines_sha1, write_lines
 from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, recipe, recipe_change, started_cell,
                            train_command, write_atomic)
 
 VALID_BLEU_ARGS = '{"beam": 1, "max_len_a": 1.5, "max_len_b": 10}'  # greedy: validation stays cheap
-TRANSLATIONS = "translations"  # under OUT: each scored checkpoint's test translations
 RESUMED = re.compile(r"[Ll]oaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
 
 
@@ -224,18 +223,10 @@ def scored(args, name: str, checkpoint: str, point: dict, work: str, tag: str, e
     translations = os.path.join(folder, f"{name}-seed{args.seed}.{tag}.txt")
     write_lines(translations, scores.pop("hypotheses"))
     references = scores.pop("references")
-    write_lines(os.path.join(folder, "references.txt"), references)
+    write_lines(os.path.join(folder, REFERENCES), references)
     return {**{k: point.get(k) for k in ("updates", "train_s")}, "valid_bleu": point.get("bleu"), **scores,
             "checkpoint": os.path.basename(checkpoint), "translations": os.path.relpath(translations, args.out),
             "references_sha1": lines_sha1(references)}
-
-
-def write_lines(path: str, lines: List[str]):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
 
 
 def keep_scored_checkpoints(work: str, cell: dict) -> List[str]:

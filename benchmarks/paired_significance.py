@@ -19,12 +19,22 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 RESAMPLES = 1000
-REFERENCES = "references.txt"
+TRANSLATIONS = "translations"  # under the study's OUT: each scored view's test translations
+REFERENCES = "references.txt"  # in TRANSLATIONS: what every view was scored against
 
 
 def lines_sha1(lines: List[str]) -> str:
     """What a view records of the references it was scored against."""
     return hashlib.sha1("".join(line + "\n" for line in lines).encode("utf-8")).hexdigest()
+
+
+def write_lines(path: str, lines: List[str]):
+    """One sentence per line, written atomically (``read_lines`` and ``lines_sha1`` read this form)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
 
 
 def read_lines(path: str) -> List[str]:
@@ -48,9 +58,8 @@ def tests(out_dir: str, cells: List[dict], pairs: List[Tuple[str, str]], views: 
     """Paired bootstrap of ``a`` against ``b`` for every pair, every view in ``views[b]`` (by
     baseline: e.g. equal time only against dense) and every combination of their seeds.
     ``cells``: the finished cells of one recipe. Returns the rows and the cells without translations."""
-    folder = os.path.join(out_dir, "translations")
-    references = read_lines(os.path.join(folder, REFERENCES)) if os.path.exists(
-        os.path.join(folder, REFERENCES)) else None
+    path = os.path.join(out_dir, TRANSLATIONS, REFERENCES)
+    references = read_lines(path) if os.path.exists(path) else None
     sha1 = lines_sha1(references) if references is not None else None
     by_model: Dict[str, List[dict]] = {}
     for c in sorted(cells, key=lambda c: c["seed"]):
