@@ -19,6 +19,7 @@ import json
 import os
 from typing import List, Optional
 
+import atomic_files
 import paired_significance
 import training_cost
 from fairseq_logs import error_summary
@@ -287,7 +288,8 @@ def plot(cells: List[dict], result: dict, path: str):
     if by_updates.lines:
         by_updates.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_files.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -299,10 +301,8 @@ def build(out_dir: str, order: List[str], settings: dict) -> dict:
     pooled = {(r["model"], r["seed"]) for r in result["cells"] if r["status"] == "ok"}
     result["paired"] = paired_significance.tests(out_dir, [c for c in cells if (c["model"], c["seed"]) in pooled],
                                                  PAIRS, PAIRED_VIEWS)
-    with open(os.path.join(out_dir, "convergence.md"), "w") as f:
-        f.write(markdown(result))
-    with open(os.path.join(out_dir, "convergence.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_files.write_text(os.path.join(out_dir, "convergence.md"), markdown(result))
+    atomic_files.write_text(os.path.join(out_dir, "convergence.json"), json.dumps(result, indent=2))
     plot(cells, result, os.path.join(out_dir, "convergence.png"))
     return result
 

@@ -18,6 +18,8 @@ import hashlib
 import os
 from typing import Dict, List, Optional, Tuple
 
+import atomic_files
+
 RESAMPLES = 1000
 TRANSLATIONS = "translations"  # under the study's OUT: each scored view's test translations
 REFERENCES = "references.txt"  # in TRANSLATIONS: what every view was scored against
@@ -30,11 +32,7 @@ def lines_sha1(lines: List[str]) -> str:
 
 def write_lines(path: str, lines: List[str]):
     """One sentence per line, written atomically (``read_lines`` and ``lines_sha1`` read this form)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    atomic_files.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def read_lines(path: str) -> List[str]:

@@ -35,7 +35,9 @@ the script exits 1. Checkpoints and logs go to WORK/cells/<model>-seed<S>/, remo
 cell is written unless --keep (a failed cell's logs stay); checkpoints are saved without optimizer
 state, up to ~1.1 GB per cell (thor4: ~22 files of ~51 MB). With --converge a finished cell keeps
 the checkpoints its views were decoded from (best, averaged, equal time) and its logs, and its test
-translations go to OUT/translations/ beside the cell file.
+translations go to OUT/translations/ beside the cell file. Two processes may run the same plan at
+once (one per core, --threads 1 each): each claims the cell it trains (benchmarks/cell_claim.py)
+and skips the cells the other holds.
 
 Cost on 2 CPU cores with --threads 1 (tuning runs of this recipe, one neighbour job): ~1.1 s per
 update for a one-pass model and ~2.7 s for THOR, i.e. ~20 and ~45 minutes per cell with
@@ -56,6 +58,7 @@ import quality_report  # noqa: E402
 from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data_problem  # noqa: E402
 import convergence_report  # noqa: E402
 import training_cost  # noqa: E402
+from cell_claim import holder, try_claim, waiting_for_claim  # noqa: E402
 from convergence_cells import (converge_recipe, needs_rescoring, run_converge_cell, without_threads,  # noqa: E402
                                time_left as converge_time_left)
 from quality_cells import (MODELS, SETTINGS, cell_path, host_info, read_cell, recipe, recipe_change,  # noqa: E402
@@ -297,53 +300,73 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(args.work, exist_ok=True)
     args.reference_file = None
-    args.data = args.data or build_corpus(args)
+    with waiting_for_claim(args.work, "corpus"):  # a second process waits, then finds it built
+        args.data = args.data or build_corpus(args)
     args.test_sentences = count_sentences(args.data)
     args.references = (f"the raw test text {args.reference_file}" if args.reference_file
                        else "fairseq-generate's T- lines")
     args.device_flags = ["--cpu"] if args.device == "cpu" else (["--fp16"] if args.fp16 else [])
     args.host = host_info(args)
     env = child_env(args.threads)
-    recipe_of = converge_recipe if args.converge else recipe
     if args.measure_cost:
         return measure_cost(args, env)
 
-    start, failed, total = time.time(), [], len(args.cells)
+    start, failed, elsewhere, total = time.time(), [], [], len(args.cells)
     for i, (name, seed) in enumerate(args.cells, 1):
         tag, path = f"[{i}/{total}]", cell_path(args, name, seed)
-        old = read_cell(path)
-        if old and old["status"] == "ok" and not args.rerun:
-            recorded = without_threads(old.get("recipe")) if args.converge else old.get("recipe")
-            change = recipe_change(recorded, recipe_of(args, name, seed))
-            if change is None and args.converge and needs_rescoring(args, old):
-                print(f"{tag} rescore {name} seed {seed}: its equal-time view was missing "
-                      f"({old['equal_time']['missing']})", flush=True)
-            elif change is None:
-                print(f"{tag} skip {name} seed {seed}: finished ({short(path)})", flush=True)
+        claim = try_claim(args.work, f"{name}-seed{seed}")
+        if claim is None:  # the same command started again to use the other core (README)
+            elsewhere.append(f"{name} seed {seed}")
+            print(f"{tag} skip {name} seed {seed}: another process is training it "
+                  f"({holder(args.work, f'{name}-seed{seed}')})", flush=True)
+            continue
+        with claim:
+            if not run_claimed_cell(args, i, name, seed, path, start, env, failed):
                 continue
-            print(f"{tag} retrain {name} seed {seed}: recorded with another recipe ({change})", flush=True)
-        todo = [c for c in args.cells[i - 1:] if args.rerun or c == (name, seed) or
-                (read_cell(cell_path(args, *c)) or {}).get("status") != "ok"]
-        print(f"{tag} start {name} seed {seed} at {time.strftime('%H:%M:%S')} (elapsed {hms(time.time() - start)}; "
-              f"{eta(args, todo)})", flush=True)
-        if args.converge:
-            cell = run_converge_cell(args, name, seed, env, settings(args))
-        else:
-            cell = run_cell(args, name, seed, env)
-        if cell["status"] == "ok":
-            took = f"(this attempt {hms(cell['elapsed_s'])})" if args.converge else f"in {hms(cell['elapsed_s'])}"
-            print(f"{tag} done {name} seed {seed} {took}: {done_line(cell)}", flush=True)
-        else:
-            failed.append(f"{name} seed {seed}")
-            print(f"{tag} FAILED {name} seed {seed} after {hms(cell['elapsed_s'])}: "
-                  f"{logs.error_summary(cell['error'])}", file=sys.stderr, flush=True)
         build_report(args, order)
 
     print("\n" + build_report(args, order))
     print(f"wrote {names} in {args.out}; cells in {args.out}/cells")
+    if elsewhere:
+        print(f"not run here, another process holds them: {', '.join(elsewhere)} (that process reports them)")
     if failed:
         print(f"FAILED: {', '.join(failed)} (errors in the cell files and the report)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def run_claimed_cell(args, i: int, name: str, seed: int, path: str, start: float, env: dict,
+                     failed: List[str]) -> bool:
+    """Train (or rescore) one cell this process holds the claim on; False when it was skipped.
+    The cell file is read under the claim: another process may have finished it a moment ago."""
+    tag, recipe_of = f"[{i}/{len(args.cells)}]", converge_recipe if args.converge else recipe
+    old = read_cell(path)
+    if old and old["status"] == "ok" and not args.rerun:
+        recorded = without_threads(old.get("recipe")) if args.converge else old.get("recipe")
+        change = recipe_change(recorded, recipe_of(args, name, seed))
+        if change is None and args.converge and needs_rescoring(args, old):
+            print(f"{tag} rescore {name} seed {seed}: its equal-time view was missing "
+                  f"({old['equal_time']['missing']})", flush=True)
+        elif change is None:
+            print(f"{tag} skip {name} seed {seed}: finished ({short(path)})", flush=True)
+            return False
+        else:
+            print(f"{tag} retrain {name} seed {seed}: recorded with another recipe ({change})", flush=True)
+    todo = [c for c in args.cells[i - 1:] if args.rerun or c == (name, seed) or
+            (read_cell(cell_path(args, *c)) or {}).get("status") != "ok"]
+    print(f"{tag} start {name} seed {seed} at {time.strftime('%H:%M:%S')} (elapsed {hms(time.time() - start)}; "
+          f"{eta(args, todo)})", flush=True)
+    if args.converge:
+        cell = run_converge_cell(args, name, seed, env, settings(args))
+    else:
+        cell = run_cell(args, name, seed, env)
+    if cell["status"] == "ok":
+        took = f"(this attempt {hms(cell['elapsed_s'])})" if args.converge else f"in {hms(cell['elapsed_s'])}"
+        print(f"{tag} done {name} seed {seed} {took}: {done_line(cell)}", flush=True)
+    else:
+        failed.append(f"{name} seed {seed}")
+        print(f"{tag} FAILED {name} seed {seed} after {hms(cell['elapsed_s'])}: "
+              f"{logs.error_summary(cell['error'])}", file=sys.stderr, flush=True)
+    return True
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import shutil
 import time
 from typing import List, NamedTuple, Optional
 
+import atomic_files
 import fairseq_logs as logs
 import quality_report
 from cli_runs import BIN, GATED, USER_DIR, count_params, decode, model_flags, run
@@ -234,7 +235,4 @@ def read_cell(path: str) -> Optional[dict]:
 
 
 def write_atomic(path: str, obj: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_files.write_text(path, json.dumps(obj, indent=2))

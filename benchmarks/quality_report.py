@@ -19,6 +19,7 @@ import os
 import statistics
 from typing import Dict, List, Optional
 
+import atomic_files
 from fairseq_logs import error_summary
 
 VIEWS = {"equal_updates": "equal updates (final checkpoint)",
@@ -250,16 +251,15 @@ def plot(result: dict, path: str):
     if result["models"]:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_files.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
 def build(out_dir: str, order: List[str]) -> dict:
     """Read ``out_dir/cells`` and write ``quality.md``, ``quality.json`` and ``quality.png``."""
     result = summarize(load_cells(os.path.join(out_dir, "cells")), order)
-    with open(os.path.join(out_dir, "quality.md"), "w") as f:
-        f.write(markdown(result))
-    with open(os.path.join(out_dir, "quality.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_files.write_text(os.path.join(out_dir, "quality.md"), markdown(result))
+    atomic_files.write_text(os.path.join(out_dir, "quality.json"), json.dumps(result, indent=2))
     plot(result, os.path.join(out_dir, "quality.png"))
     return result

@@ -15,6 +15,7 @@ import torch
 from test_cli import REPO, make_toy_data
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import cell_claim  # noqa: E402
 import convergence_cells  # noqa: E402
 import convergence_report  # noqa: E402
 import paired_significance  # noqa: E402
@@ -23,13 +24,17 @@ pytestmark = pytest.mark.cli
 CAP = 40  # the toy --converge cap; patience 2 at one validation per 5 updates stops far sooner
 
 
+def start(data, work, out, *extra):
+    cmd = [sys.executable, "benchmarks/quality.py", "--converge", "--toy", "--data", data, "--remove-bpe", "none",
+           "--work", work, "--out", out, *map(str, extra)]
+    return subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
 def converge(data, work, out, *extra, kill_when=None):
     """Run the study; with ``kill_when`` (a glob), kill it (and its fairseq-train) once a file
     matching it exists, as a session's end would."""
-    cmd = [sys.executable, "benchmarks/quality.py", "--converge", "--toy", "--data", data, "--remove-bpe", "none",
-           "--work", work, "--out", out, *map(str, extra)]
-    proc = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = start(data, work, out, *extra)
     if kill_when:
         deadline = time.time() + 600
         while not glob.glob(str(kill_when)) and proc.poll() is None and time.time() < deadline:
@@ -153,6 +158,33 @@ def test_a_finished_cell_is_skipped_and_another_recipe_retrains(study):
     assert code == 0 and "skip dense seed 1: finished" in output, output[-2000:]
     result = json.loads((root / "out" / "convergence.json").read_text())
     assert set(result["models"]) == {"dense", "thor2"} and not result["other_recipe"]
+
+
+def test_a_cell_another_process_holds_is_left_to_it(study):
+    root = study["root"]
+    with cell_claim.try_claim(str(root / "work"), "thor2-seed1") as claim:
+        assert claim is not None
+        code, output = converge(study["data"], root / "work", root / "out", "--plan", "dense:1,thor2:1")
+    assert code == 0, output[-2000:]
+    assert "[1/2] skip dense seed 1: finished" in output
+    assert f"[2/2] skip thor2 seed 1: another process is training it (pid {os.getpid()} on " in output
+    assert "not run here, another process holds them: thor2 seed 1 (that process reports them)" in output
+    assert cell_claim.try_claim(str(root / "work"), "thor2-seed1") is not None  # released with the block
+
+
+def test_the_same_plan_started_twice_trains_each_cell_once(tmp_path, study):
+    """The README's way to use both cores: the same command twice, --threads 1 each."""
+    runs = [start(study["data"], tmp_path / "work", tmp_path / "out", "--plan", "dense:1,thor2:1")
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=900)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    both = "\n".join(outputs)
+    for model in ("dense", "thor2"):
+        assert both.count(f"start {model} seed 1 at ") == 1, both[-4000:]
+        assert cell_of(tmp_path / "out", f"{model}-seed1.json")["status"] == "ok"
+        assert len(glob.glob(str(tmp_path / "work" / "cells" / f"{model}-seed1" / "train-*.log"))) == 1
+    assert json.loads((tmp_path / "out" / "convergence.json").read_text())["models"].keys() == {"dense", "thor2"}
+    assert not glob.glob(str(tmp_path / "out" / "**" / ".*tmp*"), recursive=True)  # no half-written leftovers
 
 
 def test_a_cell_without_a_budget_keeps_its_checkpoints_and_is_rescored_once_there_is_one(study):
