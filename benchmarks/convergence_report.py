@@ -20,6 +20,7 @@ import os
 from typing import List, Optional
 
 import atomic_files
+import convergence_progress
 import paired_significance
 import training_cost
 from fairseq_logs import error_summary
@@ -199,6 +200,7 @@ def markdown(result: dict) -> str:
                         verdict[d[m]["beyond_spread"]]) if m in d else ("—", "—", "—")))]
                   for d in result["differences"]])
     out += paired_markdown(result.get("paired"))
+    out += progress_markdown(result.get("in_progress") or [])
     out += ["## Cells", ""]
     rows, notes = [], []
     for r in result["cells"]:
@@ -221,6 +223,24 @@ def markdown(result: dict) -> str:
         out += [f"- `{c['model']}` seed {c['seed']}: differs in {', '.join(c['differs_in'])}"
                 for c in result["other_recipe"]] + [""]
     return "\n".join(out)
+
+
+def progress_markdown(rows: List[dict]) -> List[str]:
+    if not rows:
+        return []
+    out = ["## In progress (not results)", "",
+           "Cells still training when this report was built, from their local work folders: greedy "
+           "validation BLEU of models that have not converged, beside the finished dense cells' validation "
+           "BLEU (mean over their seeds) at the same update and at the same calibrated training time.", ""]
+    def bleu(x):
+        return "—" if x is None else f"{x:.2f}"
+    out += table(["model", "seed", "last validation (updates)", "calibrated h", "valid BLEU (latest)", "best so far (at)",
+                  "dense at the same updates", "dense at the same time", "attempts"],
+                 [[r["model"], str(r["seed"]), f"{r['latest']['updates']:,}",
+                   "—" if r["calibrated_s"] is None else f"{r['calibrated_s'] / 3600:.2f}", bleu(r["latest"]["bleu"]),
+                   f"{r['best']['bleu']:.2f} ({r['best']['updates']:,})", bleu(r["dense_same_updates"]),
+                   bleu(r["dense_same_time"]), str(r["attempts"])] for r in rows])
+    return out
 
 
 def paired_markdown(paired: Optional[dict]) -> List[str]:
@@ -272,6 +292,15 @@ def plot(cells: List[dict], result: dict, path: str):
             by_time.plot([p["updates"] * cost / 3600 for p in curve], [p["bleu"] for p in curve], **style)
             by_time.plot(c["best"]["updates"] * cost / 3600, c["best"]["valid_bleu"], "o", color=color)
         by_updates.plot([p["updates"] for p in curve], [p["bleu"] for p in curve], **style)
+    costs = result["cost"].get("s_per_update") or {}
+    for i, r in enumerate(result.get("in_progress") or []):
+        color = names.index(r["model"]) if r["model"] in names else len(names) + i
+        style = dict(color=f"C{color % 10}", linestyle=":", linewidth=1.0,
+                     label=f"{r['model']} s{r['seed']} (running)")
+        if costs.get(r["model"]):
+            by_time.plot([p["updates"] * costs[r["model"]] / 3600 for p in r["curve"]],
+                         [p["bleu"] for p in r["curve"]], **style)
+        by_updates.plot([p["updates"] for p in r["curve"]], [p["bleu"] for p in r["curve"]], **style)
     dense = result["models"].get("dense", {}).get("best", {}).get("cost_s", {})
     if dense.get("n"):
         by_time.axvline(dense["mean"] / 3600, color="gray", linestyle="--", linewidth=0.8)
@@ -293,14 +322,18 @@ def plot(cells: List[dict], result: dict, path: str):
     plt.close(fig)
 
 
-def build(out_dir: str, order: List[str], settings: dict) -> dict:
-    """Read ``out_dir/cells`` and write ``convergence.md``, ``convergence.json``, ``convergence.png``."""
+def build(out_dir: str, order: List[str], settings: dict, work_dir: Optional[str] = None) -> dict:
+    """Read ``out_dir/cells`` and write ``convergence.md``, ``convergence.json``, ``convergence.png``;
+    with ``work_dir``, the unfinished cells' progress too (``convergence_progress``)."""
     cells = load_cells(os.path.join(out_dir, "cells"))
     costs, missing = training_cost.load(out_dir, settings)
     result = summarize(cells, order, settings, costs, missing)
     pooled = {(r["model"], r["seed"]) for r in result["cells"] if r["status"] == "ok"}
     result["paired"] = paired_significance.tests(out_dir, [c for c in cells if (c["model"], c["seed"]) in pooled],
                                                  PAIRS, PAIRED_VIEWS)
+    dense_curves = [c["curve"] for c in cells if c["model"] == "dense" and (c["model"], c["seed"]) in pooled]
+    result["in_progress"] = convergence_progress.compared_with_dense(
+        convergence_progress.unfinished(work_dir, out_dir), dense_curves, costs)
     atomic_files.write_text(os.path.join(out_dir, "convergence.md"), markdown(result))
     atomic_files.write_text(os.path.join(out_dir, "convergence.json"), json.dumps(result, indent=2))
     plot(cells, result, os.path.join(out_dir, "convergence.png"))

@@ -248,7 +248,7 @@ def settings(args) -> dict:
 def build_report(args, order: List[str]) -> str:
     """Rebuild the report from the cell files; return its markdown."""
     if args.converge:
-        return convergence_report.markdown(convergence_report.build(args.out, order, settings(args)))
+        return convergence_report.markdown(convergence_report.build(args.out, order, settings(args), args.work))
     return quality_report.markdown(quality_report.build(args.out, order))
 
 

@@ -187,6 +187,38 @@ def test_the_same_plan_started_twice_trains_each_cell_once(tmp_path, study):
     assert not glob.glob(str(tmp_path / "out" / "**" / ".*tmp*"), recursive=True)  # no half-written leftovers
 
 
+def test_the_report_shows_unfinished_cells_beside_dense_and_only_those(study, tmp_path):
+    import shutil
+
+    import quality_cells
+
+    root, out, work = study["root"], tmp_path / "out", tmp_path / "work"
+    (out / "cells").mkdir(parents=True)
+    for name in ("cells/dense-seed1.json", "cost.json"):  # dense finished, thor2 not yet
+        shutil.copy(root / "out" / name, out / name)
+    for cell in ("dense-seed1", "thor2-seed1"):
+        (work / "cells" / cell).mkdir(parents=True)
+        for log in glob.glob(str(root / "work" / "cells" / cell / "train-*.log")):
+            shutil.copy(log, work / "cells" / cell)
+    dense, thor2 = cell_of(root / "out", "dense-seed1.json"), cell_of(root / "out")
+    result = convergence_report.build(str(out), list(quality_cells.MODELS), dense["settings"], str(work))
+    (row,) = result["in_progress"]  # dense's folder is finished: not listed
+    assert (row["model"], row["seed"], row["attempts"]) == ("thor2", 1, 1)
+    assert row["latest"] == {"updates": thor2["curve"][-1]["updates"], "bleu": thor2["curve"][-1]["bleu"]}
+    assert row["best"]["bleu"] == max(p["bleu"] for p in thor2["curve"])
+    dense_before = [p["bleu"] for p in dense["curve"] if p["updates"] <= row["latest"]["updates"]]
+    assert row["dense_same_updates"] == round(dense_before[-1], 2)
+    costs = json.loads((out / "cost.json").read_text())["s_per_update"]
+    assert row["calibrated_s"] == round(row["latest"]["updates"] * costs["thor2"])
+    budget = row["latest"]["updates"] * costs["thor2"] / costs["dense"]
+    dense_by_then = [p["bleu"] for p in dense["curve"] if p["updates"] <= budget]
+    assert row["dense_same_time"] == (round(dense_by_then[-1], 2) if dense_by_then else None)
+    report = (out / "convergence.md").read_text()
+    assert "## In progress (not results)" in report and "| thor2 | 1 | " in report
+    assert "In progress" not in convergence_report.markdown(
+        convergence_report.build(str(out), list(quality_cells.MODELS), dense["settings"]))  # no work folder
+
+
 def test_a_cell_without_a_budget_keeps_its_checkpoints_and_is_rescored_once_there_is_one(study):
     root = study["root"]
     killed = cell_of(root / "out-killed")  # trained alone: no dense cell gave it a time budget
