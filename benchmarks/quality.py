@@ -50,7 +50,7 @@ import os
 import shlex
 import sys
 import time
-from typing import List
+from typing import List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import fairseq_logs as logs  # noqa: E402
@@ -311,18 +311,20 @@ def main(argv=None) -> int:
     if args.measure_cost:
         return measure_cost(args, env)
 
-    start, failed, elsewhere, total = time.time(), [], [], len(args.cells)
+    start, failed, elsewhere = time.time(), [], []
     for i, (name, seed) in enumerate(args.cells, 1):
-        tag, path = f"[{i}/{total}]", cell_path(args, name, seed)
         claim = try_claim(args.work, f"{name}-seed{seed}")
         if claim is None:  # the same command started again to use the other core (README)
             elsewhere.append(f"{name} seed {seed}")
-            print(f"{tag} skip {name} seed {seed}: another process is training it "
+            print(f"[{i}/{len(args.cells)}] skip {name} seed {seed}: another process is training it "
                   f"({holder(args.work, f'{name}-seed{seed}')})", flush=True)
             continue
         with claim:
-            if not run_claimed_cell(args, i, name, seed, path, start, env, failed):
-                continue
+            cell = run_claimed_cell(args, i, name, seed, start, env)
+        if cell is None:
+            continue
+        if cell["status"] != "ok":
+            failed.append(f"{name} seed {seed}")
         build_report(args, order)
 
     print("\n" + build_report(args, order))
@@ -334,11 +336,12 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def run_claimed_cell(args, i: int, name: str, seed: int, path: str, start: float, env: dict,
-                     failed: List[str]) -> bool:
-    """Train (or rescore) one cell this process holds the claim on; False when it was skipped.
-    The cell file is read under the claim: another process may have finished it a moment ago."""
-    tag, recipe_of = f"[{i}/{len(args.cells)}]", converge_recipe if args.converge else recipe
+def run_claimed_cell(args, i: int, name: str, seed: int, start: float, env: dict) -> Optional[dict]:
+    """Train (or rescore) the i-th cell, which this process holds the claim on; None when it was
+    already finished. The cell file is read under the claim: another process may have finished it
+    a moment ago."""
+    tag, path = f"[{i}/{len(args.cells)}]", cell_path(args, name, seed)
+    recipe_of = converge_recipe if args.converge else recipe
     old = read_cell(path)
     if old and old["status"] == "ok" and not args.rerun:
         recorded = without_threads(old.get("recipe")) if args.converge else old.get("recipe")
@@ -348,7 +351,7 @@ def run_claimed_cell(args, i: int, name: str, seed: int, path: str, start: float
                   f"({old['equal_time']['missing']})", flush=True)
         elif change is None:
             print(f"{tag} skip {name} seed {seed}: finished ({short(path)})", flush=True)
-            return False
+            return None
         else:
             print(f"{tag} retrain {name} seed {seed}: recorded with another recipe ({change})", flush=True)
     todo = [c for c in args.cells[i - 1:] if args.rerun or c == (name, seed) or
@@ -363,10 +366,9 @@ def run_claimed_cell(args, i: int, name: str, seed: int, path: str, start: float
         took = f"(this attempt {hms(cell['elapsed_s'])})" if args.converge else f"in {hms(cell['elapsed_s'])}"
         print(f"{tag} done {name} seed {seed} {took}: {done_line(cell)}", flush=True)
     else:
-        failed.append(f"{name} seed {seed}")
         print(f"{tag} FAILED {name} seed {seed} after {hms(cell['elapsed_s'])}: "
               f"{logs.error_summary(cell['error'])}", file=sys.stderr, flush=True)
-    return True
+    return cell
 
 
 if __name__ == "__main__":
