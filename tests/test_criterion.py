@@ -219,3 +219,37 @@ def test_loss_from_logits_equals_the_loss_from_log_probabilities(dictionary, mon
     assert log_a["consistency"].sum() > 0
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 5.0])
+def test_on_a_dense_model_it_is_fairseqs_rdrop_objective(dictionary, alpha):
+    """The quality study's `rdropf` row (dense + thor_consistency) stands for R-Drop: with the passes
+    fused, both criteria run the same stacked forward, so under one seed they see the same dropout
+    masks and must give fairseq's loss, sample size and gradients exactly (unfused, the two passes
+    draw their masks apart: the same objective in distribution)."""
+    from fairseq.criterions.label_smoothed_cross_entropy_with_rdrop import (
+        RdropLabelSmoothedCrossEntropyCriterion)
+
+    torch.manual_seed(0)
+    model = build_model("transformer", ["--dropout", "0.3", "--attention-dropout", "0.2"],
+                        dictionary=dictionary).train()
+    sample = make_sample(dictionary)
+    ours = ThorConsistencyCriterion(DictTask(dictionary), sentence_avg=False, label_smoothing=0.1,
+                                    consistency_alpha=alpha, fuse_passes=True)
+    fairseqs = RdropLabelSmoothedCrossEntropyCriterion(DictTask(dictionary), sentence_avg=False,
+                                                        label_smoothing=0.1, rdrop_alpha=alpha)
+
+    def run(crit):
+        torch.manual_seed(1)
+        model.zero_grad()
+        loss, sample_size, _ = crit(model, {**sample, "net_input": dict(sample["net_input"])})
+        loss.backward()
+        return loss.detach(), sample_size, [p.grad.clone() for p in model.parameters()]
+
+    (ours_loss, ours_size, ours_grads), (their_loss, their_size, their_grads) = run(ours), run(fairseqs)
+    assert ours_size == their_size == sample["ntokens"]
+    torch.testing.assert_close(ours_loss, their_loss, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(ours_grads, their_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+    torch.manual_seed(2)  # a different mask draw gives a different loss: the masks above were shared
+    assert not torch.allclose(ours(model, sample)[0], their_loss)
