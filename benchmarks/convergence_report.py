@@ -128,6 +128,12 @@ def best_thor(models: dict) -> Optional[str]:
     return max(scored)[1] if scored else None
 
 
+def rdrop_row(models: dict) -> str:
+    """The R-Drop row a target compares with: the plan's ``rdropf`` (R-Drop's objective at the
+    plugin's cost), or fairseq's own criterion (``rdrop``) where only that one has cells."""
+    return "rdrop" if "rdropf" not in models and "rdrop" in models else "rdropf"
+
+
 def targets(models: dict) -> List[dict]:
     """The study's targets (issue 19), each met, missed or not measured yet, on the best view."""
     thor = best_thor(models)
@@ -145,7 +151,7 @@ def targets(models: dict) -> List[dict]:
         return {"target": name, "rows": f"{a} - {b}", **d, "status": status}
 
     return [check("best THOR >= dense + 1.5 BLEU, beyond spread", thor, "dense", 1.5, beyond=True),
-            check("best THOR >= R-Drop (mean)", thor, "rdrop"),
+            check("best THOR >= R-Drop (mean)", thor, rdrop_row(models)),
             check("best THOR >= hash (mean)", thor, "hash"),
             check("THOR E=4 >= THOR E=2 (mean)", "thor4", "thor2")]
 

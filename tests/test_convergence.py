@@ -356,6 +356,18 @@ def test_a_cell_of_another_recipe_is_not_pooled_into_a_row():
     assert "dense 0.500, thor2 1.250 s/update" in convergence_report.markdown(costed)
 
 
+def test_the_r_drop_target_uses_the_plans_rdropf_row_or_fairseqs_when_alone():
+    def r_drop_target(*cells):
+        order = ["dense", "rdrop", "thor2", "rdropf"]
+        return convergence_report.summarize(list(cells), order, {"dropout": 0.3})["targets"][1]
+
+    thor2 = cell("thor2", 1, 33.0)
+    assert r_drop_target(thor2, cell("rdropf", 1, 32.0), cell("rdrop", 1, 34.0))["rows"] == "thor2 - rdropf"
+    only_fairseqs = r_drop_target(thor2, cell("rdrop", 1, 34.0))
+    assert only_fairseqs["rows"] == "thor2 - rdrop" and only_fairseqs["status"] == "missed"
+    assert r_drop_target(thor2)["status"] == "not measured yet"
+
+
 def test_equal_time_takes_the_best_validation_within_the_budget():
     curve = [{"updates": u, "train_s": float(u), "bleu": b} for u, b in ((10, 5.0), (20, 9.0), (30, 8.0), (40, 12.0))]
     saved = {10: "a", 20: "b", 30: "c", 40: "d"}

@@ -145,7 +145,8 @@ def test_rdropf_is_rdrop_s_objective_through_the_plugin_s_loss():
     assert flag(fast, "--criterion") == "thor_consistency" and flag(fast, "--consistency-alpha") == "0.7"
     assert flag(fast, "--num-experts") == flag(fairseq_rdrop, "--num-experts") == "1"
     assert "--consistency-alpha-warmup-updates" not in fast  # R-Drop has no warm-up: neither does its twin
-    assert quality.MODELS["rdropf"].two_pass and ("rdropf", 1) not in args.cells
+    assert quality.MODELS["rdropf"].two_pass
+    assert ("rdropf", 2) in args.cells and ("rdrop", 1) not in args.cells  # the plan's R-Drop rows
 
 
 def test_train_time_per_update_sums_train_inner_train_wall():
