@@ -59,8 +59,8 @@ from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data
 import convergence_report  # noqa: E402
 import training_cost  # noqa: E402
 from cell_claim import holder, try_claim, waiting_for_claim  # noqa: E402
-from convergence_cells import (converge_recipe, needs_rescoring, run_converge_cell, without_threads,  # noqa: E402
-                               time_left as converge_time_left)
+from convergence_cells import (converge_recipe, needs_rescoring, run_converge_cell, updates_logged,  # noqa: E402
+                               without_threads, time_left as converge_time_left)
 from quality_cells import (MODELS, SETTINGS, cell_path, host_info, read_cell, recipe, recipe_change,  # noqa: E402
                            run_cell)
 
@@ -314,6 +314,8 @@ def main(argv=None) -> int:
     if args.measure_cost:
         return measure_cost(args, env)
 
+    if args.converge:
+        args.cells = started_first(args, args.cells)
     start, failed, elsewhere = time.time(), [], []
     for i, (name, seed) in enumerate(args.cells, 1):
         claim = try_claim(args.work, f"{name}-seed{seed}")
@@ -337,6 +339,20 @@ def main(argv=None) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)} (errors in the cell files and the report)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def started_first(args, cells: List[tuple]) -> List[tuple]:
+    """With --converge, the cells whose work folders have trained go first, the plan's order kept
+    otherwise: a half-trained cell (e.g. the one another process trained until a session ended)
+    finishes before a new one starts, so results land sooner and fewer checkpoint series wait on
+    disk."""
+    finished = {c for c in cells if (read_cell(cell_path(args, *c)) or {}).get("status") == "ok"}
+    trained = {c: 0 if c in finished else updates_logged(args, *c) for c in cells}
+    ordered = sorted(cells, key=lambda c: trained[c] == 0)
+    if ordered != cells:
+        print("resuming first: " + ", ".join(f"{m} seed {s} ({trained[(m, s)]:,} updates)"
+                                             for m, s in ordered if trained[(m, s)]), flush=True)
+    return ordered
 
 
 def run_claimed_cell(args, i: int, name: str, seed: int, start: float, env: dict) -> Optional[dict]:

@@ -356,6 +356,26 @@ def test_a_cell_of_another_recipe_is_not_pooled_into_a_row():
     assert "dense 0.500, thor2 1.250 s/update" in convergence_report.markdown(costed)
 
 
+def test_a_started_cell_goes_before_the_plans_new_ones(tmp_path, capsys):
+    import quality
+
+    args = quality.parse_args(["--converge", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    started = tmp_path / "work" / "cells" / "dense-seed2"
+    started.mkdir(parents=True)
+    (started / "train-1.log").write_text("2026-12-07 07:45:22 | INFO | train_inner | epoch 001:    250 / 282 "
+                                         "loss=9.564, num_updates=250, train_wall=240\n")
+    finished = tmp_path / "work" / "cells" / "dense-seed1"  # keeps its logs, but is done
+    finished.mkdir(parents=True)
+    (finished / "train-1.log").write_text((started / "train-1.log").read_text())
+    (tmp_path / "out" / "cells").mkdir(parents=True)
+    (tmp_path / "out" / "cells" / "dense-seed1.json").write_text(json.dumps({"status": "ok"}))
+    ordered = quality.started_first(args, args.cells)
+    assert ordered[0] == ("dense", 2) and sorted(ordered) == sorted(args.cells)
+    assert ordered[1:] == [c for c in args.cells if c != ("dense", 2)]  # the plan's order otherwise
+    assert "resuming first: dense seed 2 (250 updates)" in capsys.readouterr().out
+    assert quality.started_first(args, ordered) == ordered
+
+
 def test_the_r_drop_target_uses_the_plans_rdropf_row_or_fairseqs_when_alone():
     def r_drop_target(*cells):
         order = ["dense", "rdrop", "thor2", "rdropf"]
