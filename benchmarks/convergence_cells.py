@@ -94,10 +94,14 @@ def attempt_texts(work: str) -> List[str]:
     return texts
 
 
-def resumed_at(log: str) -> int:
-    """The update an attempt started from: 0, or the one fairseq says it loaded."""
+def resumed_at(log: str) -> Optional[int]:
+    """The update an attempt started from: the one fairseq says it loaded, 0 when it found no
+    checkpoint (or trained without saying), None when it was stopped before loading anything: such
+    an attempt trained nothing and must not erase what earlier attempts logged."""
     m = RESUMED.search(log)
-    return int(m.group(1)) if m else 0
+    if m:
+        return int(m.group(1))
+    return 0 if "No existing checkpoint found" in log or " | train_inner | " in log else None
 
 
 def progress_across_attempts(logs: List[str]) -> Dict[int, dict]:
@@ -106,6 +110,8 @@ def progress_across_attempts(logs: List[str]) -> Dict[int, dict]:
     merged: Dict[int, dict] = {}
     for text in logs:
         start = resumed_at(text)
+        if start is None:  # stopped while starting up (or starting now): nothing to merge yet
+            continue
         merged = {u: stats for u, stats in merged.items() if u <= start}
         for line in text.splitlines():
             if " | train_inner | " in line:

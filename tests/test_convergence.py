@@ -403,6 +403,12 @@ def test_training_time_counts_redone_updates_once():
               "\n".join(f"x | train_inner | epoch 002: num_updates={u}, wpb=100, train_wall=12" for u in (15, 20)))
     assert convergence_cells.seconds_across_attempts([first, second]) == {5: 10.0, 10: 20.0, 15: 32.0, 20: 44.0}
     assert convergence_cells.words_per_second([first, second]) == round(2000 / 44, 1)
+    # an attempt stopped (or seen) before fairseq loaded its checkpoint trained nothing: it erases nothing
+    starting = "x | fairseq_cli.train | task: translation_thor\nx | fairseq_cli.train | model: thor_transformer"
+    assert convergence_cells.resumed_at(starting) is None
+    assert convergence_cells.seconds_across_attempts([first, starting]) == {5: 10.0, 10: 20.0, 15: 30.0}
+    assert convergence_cells.seconds_across_attempts([first, starting, second]) == {5: 10.0, 10: 20.0, 15: 32.0,
+                                                                                    20: 44.0}
 
 
 def test_measure_cost_options_are_checked_by_name(capsys):
