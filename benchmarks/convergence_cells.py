@@ -422,11 +422,13 @@ def time_left(args, todo: List[tuple], settings: dict) -> dict:
             "threads": recorded.get("threads")}
 
 
-def needs_rescoring(args, cell: dict) -> bool:
+def needs_rescoring(args, cell: dict, settings: dict) -> bool:
     """A finished cell whose equal-time view was missing (no dense cell or no cost calibration
-    yet) and whose trained checkpoints are still there."""
+    yet), whose trained checkpoints are still there, and which has a budget now (otherwise every
+    run of the plan would decode it again for nothing)."""
     trained = os.path.join(cell_work(args, cell["model"], cell["seed"]), "trained.json")
-    return budget_was_missing(cell) and os.path.exists(trained)
+    return (budget_was_missing(cell) and os.path.exists(trained)
+            and "budget_updates" in equal_time_budget(args, cell["model"], cell["seed"], settings))
 
 
 def budget_was_missing(cell: dict) -> bool:

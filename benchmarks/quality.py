@@ -365,7 +365,7 @@ def run_claimed_cell(args, i: int, name: str, seed: int, start: float, env: dict
     if old and old["status"] == "ok" and not args.rerun:
         recorded = without_threads(old.get("recipe")) if args.converge else old.get("recipe")
         change = recipe_change(recorded, recipe_of(args, name, seed))
-        if change is None and args.converge and needs_rescoring(args, old):
+        if change is None and args.converge and needs_rescoring(args, old, settings(args)):
             print(f"{tag} rescore {name} seed {seed}: its equal-time view was missing "
                   f"({old['equal_time']['missing']})", flush=True)
         elif change is None:

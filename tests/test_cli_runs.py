@@ -9,7 +9,10 @@ from test_cli import REPO
 
 CHILD = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
 PARENT = """
-import sys
+import signal, sys
+# Ctrl-C reaches a benchmark run from a terminal; a test suite started in the background
+# (`make test &`) hands its processes SIGINT ignored, which would make this test hang, not fail
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {benchmarks!r})
 import cli_runs
 cli_runs.run([sys.executable, "-c", {child!r}, {pidfile!r}], {log!r})

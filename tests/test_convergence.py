@@ -224,6 +224,8 @@ def test_a_cell_without_a_budget_keeps_its_checkpoints_and_is_rescored_once_ther
     killed = cell_of(root / "out-killed")  # trained alone: no dense cell gave it a time budget
     assert killed["equal_time"] == {"missing": "no finished dense cell to take the time budget from"}
     assert (root / "work-killed" / "cells" / "thor2-seed1" / "trained.json").exists()
+    code, output = converge(study["data"], root / "work-killed", root / "out-killed", "--plan", "thor2:1")
+    assert code == 0 and "skip thor2 seed 1: finished" in output, output[-2000:]  # still no budget: not decoded again
     for name in ("cells/dense-seed1.json", "cost.json"):
         (root / "out-killed" / name).write_text((root / "out" / name).read_text())
     code, output = converge(study["data"], root / "work-killed", root / "out-killed", "--plan", "thor2:1")

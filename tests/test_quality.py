@@ -129,9 +129,10 @@ def test_plan_runs_seed_by_seed_with_dense_first():
     assert {m: sum(1 for c in default if c[0] == m) for m in quality.MODELS if any(c[0] == m for c in default)} == {
         "dense": 3, "rdrop": 3, "thor2": 3, "thor4": 1, "switch": 3, "hash": 3}
     converge = quality.parse_args(["--converge"])
-    assert converge.cells[:2] == [("dense", 1), ("rdrop", 1)] and ("thor8", 1) in converge.cells
-    assert {m: sum(1 for c in converge.cells if c[0] == m) for m in ("dense", "rdrop", "hash", "thor2a5")} == {
-        "dense": 2, "rdrop": 2, "hash": 2, "thor2a5": 1}
+    assert converge.cells[:2] == [("dense", 1), ("thor2", 1)] and ("thor8", 1) in converge.cells
+    assert ("rdropf", 2) in converge.cells and not any(m == "rdrop" for m, _ in converge.cells)
+    assert {m: sum(1 for c in converge.cells if c[0] == m) for m in ("dense", "rdropf", "hash", "thor2a5")} == {
+        "dense": 2, "rdropf": 2, "hash": 2, "thor2a5": 1}
     assert (converge.dropout, converge.patience, converge.out.endswith("results/convergence")) == (0.3, 8, True)
     assert quality.parse_args([]).dropout == 0.1  # the 1,000-update study's recipe is unchanged
 
