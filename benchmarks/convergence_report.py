@@ -13,7 +13,8 @@ is shown too, but it mixes sittings with different load and threads. The differe
 compares every THOR row with the baselines and THOR rows with each other, called beyond the spread when the difference exceeds the
 sum of the two standard deviations; the targets of the study are evaluated from it. Paired
 bootstrap tests on the test sentences (``paired_significance.py``) add the test-set noise of each
-pair of cells whose translations are committed.
+pair of cells whose translations are committed. Cells still training (no cell file yet) are shown
+apart, from their work folders' logs (``convergence_progress.py``), and enter nothing above.
 """
 import json
 import os
@@ -238,6 +239,7 @@ def progress_markdown(rows: List[dict]) -> List[str]:
            "Cells still training when this report was built, from their local work folders: greedy "
            "validation BLEU of models that have not converged, beside the finished dense cells' validation "
            "BLEU (mean over their seeds) at the same update and at the same calibrated training time.", ""]
+
     def bleu(x):
         return "—" if x is None else f"{x:.2f}"
     out += table(["model", "seed", "last validation (updates)", "calibrated h", "valid BLEU (latest)", "best so far (at)",
