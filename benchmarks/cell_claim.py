@@ -19,8 +19,8 @@ from typing import Optional
 class Claim:
     """An open, locked claim file; ``release`` (or the end of the process) frees it."""
 
-    def __init__(self, path: str, fd: int):
-        self.path, self.fd = path, fd
+    def __init__(self, fd: int):
+        self.fd = fd
 
     def release(self):
         if self.fd is not None:
@@ -53,7 +53,7 @@ def try_claim(work: str, name: str, wait: bool = False) -> Optional[Claim]:
                          "since": time.strftime("%Y-%m-%d %H:%M:%S")})
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode(), 0)
-    return Claim(path, fd)
+    return Claim(fd)
 
 
 def waiting_for_claim(work: str, name: str) -> Claim:

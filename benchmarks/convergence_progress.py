@@ -13,7 +13,7 @@ import re
 from typing import Dict, List, Optional
 
 from convergence_cells import attempt_texts, progress_across_attempts, valid_curve
-from quality_cells import read_cell
+from quality_cells import finished
 
 CELL_FOLDER = re.compile(r"(?P<model>[a-z0-9]+)-seed(?P<seed>\d+)")
 
@@ -28,8 +28,7 @@ def unfinished(work_dir: Optional[str], out_dir: str) -> List[dict]:
         m = CELL_FOLDER.fullmatch(name)
         if not m or not os.path.isdir(os.path.join(root, name)):
             continue
-        done = read_cell(os.path.join(out_dir, "cells", f"{name}.json"))
-        if done and done.get("status") == "ok":
+        if finished(os.path.join(out_dir, "cells", f"{name}.json")):
             continue  # finished: its folder only keeps the scored checkpoints
         logs = attempt_texts(os.path.join(root, name))
         updates = max(progress_across_attempts(logs), default=0)

@@ -61,8 +61,8 @@ import training_cost  # noqa: E402
 from cell_claim import holder, try_claim, waiting_for_claim  # noqa: E402
 from convergence_cells import (converge_recipe, needs_rescoring, run_converge_cell, updates_logged,  # noqa: E402
                                without_threads, time_left as converge_time_left)
-from quality_cells import (MODELS, SETTINGS, cell_path, host_info, read_cell, recipe, recipe_change,  # noqa: E402
-                           run_cell)
+from quality_cells import (MODELS, SETTINGS, cell_path, finished, host_info, read_cell, recipe,  # noqa: E402
+                           recipe_change, run_cell)
 
 PLAN = "dense:3,rdrop:3,thor2:3,switch:3,thor4:1,hash:3"  # model:seeds (1..n)
 # make demo's recipe (examples/demo/README.md: chosen by measurement), run to 1,000 updates
@@ -318,11 +318,12 @@ def main(argv=None) -> int:
         args.cells = started_first(args, args.cells)
     start, failed, elsewhere = time.time(), [], []
     for i, (name, seed) in enumerate(args.cells, 1):
-        claim = try_claim(args.work, f"{name}-seed{seed}")
+        label = f"{name}-seed{seed}"  # the cell's file and folder name
+        claim = try_claim(args.work, label)
         if claim is None:  # the same command started again to use the other core (README)
             elsewhere.append(f"{name} seed {seed}")
             print(f"[{i}/{len(args.cells)}] skip {name} seed {seed}: another process is training it "
-                  f"({holder(args.work, f'{name}-seed{seed}')})", flush=True)
+                  f"({holder(args.work, label)})", flush=True)
             continue
         with claim:
             cell = run_claimed_cell(args, i, name, seed, start, env)
@@ -346,8 +347,7 @@ def started_first(args, cells: List[tuple]) -> List[tuple]:
     otherwise: a half-trained cell (e.g. the one another process trained until a session ended)
     finishes before a new one starts, so results land sooner and fewer checkpoint series wait on
     disk."""
-    finished = {c for c in cells if (read_cell(cell_path(args, *c)) or {}).get("status") == "ok"}
-    trained = {c: 0 if c in finished else updates_logged(args, *c) for c in cells}
+    trained = {c: 0 if finished(cell_path(args, *c)) else updates_logged(args, *c) for c in cells}
     ordered = sorted(cells, key=lambda c: trained[c] == 0)
     if ordered != cells:
         print("resuming first: " + ", ".join(f"{m} seed {s} ({trained[(m, s)]:,} updates)"
@@ -373,8 +373,7 @@ def run_claimed_cell(args, i: int, name: str, seed: int, start: float, env: dict
             return None
         else:
             print(f"{tag} retrain {name} seed {seed}: recorded with another recipe ({change})", flush=True)
-    todo = [c for c in args.cells[i - 1:] if args.rerun or c == (name, seed) or
-            (read_cell(cell_path(args, *c)) or {}).get("status") != "ok"]
+    todo = [c for c in args.cells[i - 1:] if args.rerun or c == (name, seed) or not finished(cell_path(args, *c))]
     print(f"{tag} start {name} seed {seed} at {time.strftime('%H:%M:%S')} (elapsed {hms(time.time() - start)}; "
           f"{eta(args, todo)})", flush=True)
     if args.converge:

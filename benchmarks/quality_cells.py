@@ -45,7 +45,7 @@ MODELS = {  # dense first: the two-pass models of a seed get its training time
     # R-Drop's terms (two label-smoothed CEs + alpha x symmetric KL, ntokens normalisation) through
     # thor_consistency on the dense model: the same objective as "rdrop" at 1.9x dense per update
     # instead of fairseq's 3.2x (speed.py), for an equal-time view that charges the method, not
-    # fairseq's loss code. Not in a default plan: --plan rdropf:1
+    # fairseq's loss code. The convergence plan's R-Drop rows; not in the 1,000-update plan
     "rdropf": Model(1, ["--criterion", "thor_consistency", "--consistency-alpha", "{rdrop_alpha}"], True),
 }
 # the arguments every cell records (the report prints them in its header)
@@ -232,6 +232,11 @@ def read_cell(path: str) -> Optional[dict]:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def finished(path: str) -> bool:
+    """Whether the cell file at ``path`` records a finished cell."""
+    return (read_cell(path) or {}).get("status") == "ok"
 
 
 def write_atomic(path: str, obj: dict):
