@@ -13,7 +13,11 @@ spread over seeds, plus each single expert's spread (the best and the worst expe
     python benchmarks/inference_modes.py --data work/quality/data/data-bin-8000 \\
         --references work/quality/data/raw/test.en --checkpoint thor2-seed1=PATH --checkpoint ...
 
-Writes benchmarks/results/inference-modes/modes.json and modes.md (``--out``).
+Writes benchmarks/results/inference-modes/modes.json and modes.md (``--out``). A run adds its models
+to what ``--out`` already holds, and the report pools every model of one E: one ``--out`` is one
+study (the converged models go to benchmarks/results/convergence/inference-modes/, not beside the
+1,000-update ones). A name already there from another checkpoint, or another test split, is refused
+(``--replace`` decodes the name again).
 """
 import argparse
 import json
@@ -26,6 +30,7 @@ from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from atomic_files import write_text  # noqa: E402
 from cli_runs import BIN, child_env, count_sentences, decode, run, scratch_root  # noqa: E402
 
 MODES = ["sentence", "token", "path", "mean", "merged"]  # plus fixed-K for every expert, and the export
@@ -106,6 +111,22 @@ def markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def refused_mix(result: dict, sentences: int, checkpoints: Dict[str, str], replace: bool) -> List[str]:
+    """Why these checkpoints may not join the results already in --out (empty when they may)."""
+    if not result["checkpoints"]:
+        return []
+    problems = []
+    if result.get("test_sentences") != sentences:
+        problems.append(f"it holds decodings of a {result.get('test_sentences')}-sentence test split, --data's has "
+                        f"{sentences}: decode into another --out")
+    for name, path in checkpoints.items():
+        old = result["checkpoints"].get(name, {}).get("checkpoint")
+        if old is not None and os.path.abspath(old) != os.path.abspath(path) and not replace:
+            problems.append(f"it holds {name} from {old}, not {path}: give another name, another --out, "
+                            f"or --replace to decode {name} again from the new checkpoint")
+    return problems
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,9 +135,15 @@ def main(argv=None):
     p.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--remove-bpe", default="sentencepiece")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "inference-modes"))
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "inference-modes"),
+                   help="results folder; models are added to what it holds and pooled by E (one folder, one study)")
+    p.add_argument("--replace", action="store_true",
+                   help="a name --out already holds from another checkpoint is decoded again (refused otherwise)")
     args = p.parse_args(argv)
     args.seed, args.device_flags, args.reference_file = 1, ["--cpu"], args.references
+    unnamed = [item for item in args.checkpoint if "=" not in item]
+    if unnamed:
+        p.error(f"--checkpoint takes NAME=PATH (the name labels its rows), got: {', '.join(unnamed)}")
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     missing = [path for path in checkpoints.values() if not os.path.isfile(path)]
     if missing:
@@ -124,16 +151,18 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "modes.json")
     result = json.load(open(path)) if os.path.exists(path) else {"checkpoints": {}}
-    result.update(test_sentences=count_sentences(args.data), threads=args.threads)
+    sentences = count_sentences(args.data)
+    problems = refused_mix(result, sentences, checkpoints, args.replace)
+    if problems:
+        p.error(f"--out {args.out}: " + "; ".join(problems))
+    result.update(test_sentences=sentences, threads=args.threads)
     env = child_env(args.threads)
     with tempfile.TemporaryDirectory(dir=scratch_root()) as work:
         for name, checkpoint in checkpoints.items():
             print(f"==> {name}: {checkpoint}", flush=True)
             result["checkpoints"][name] = decode_all(args, name, checkpoint, work, env)
-            with open(path, "w") as f:  # each model as soon as it is done
-                json.dump(result, f, indent=2)
-            with open(os.path.join(args.out, "modes.md"), "w") as f:
-                f.write(markdown(result))
+            write_text(path, json.dumps(result, indent=2))  # each model as soon as it is done, never half a file
+            write_text(os.path.join(args.out, "modes.md"), markdown(result))
     print(markdown(result))
 
 

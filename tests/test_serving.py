@@ -211,6 +211,17 @@ def test_the_inference_modes_benchmark_scores_every_mode_and_checks_the_export(t
     assert cell["modes"]["export-0 (stock fairseq)"]["bleu"] == cell["modes"]["fixed-0"]["bleu"]
     assert "| fixed-2 |" in (out / "modes.md").read_text()
 
+    # the same name from another checkpoint would be pooled with the first: refused before decoding,
+    # and the results already there are kept
+    other = tmp_path / "other.pt"
+    shutil.copyfile(toy["ckpt"], other)
+    before = (out / "modes.json").read_text()
+    again = subprocess.run([sys.executable, "benchmarks/inference_modes.py", "--data", toy["data"], "--remove-bpe",
+                            "none", "--checkpoint", f"toy={other}", "--out", out],
+                           cwd=REPO, text=True, capture_output=True, timeout=300)
+    assert again.returncode == 2 and "--replace" in again.stderr and "toy" in again.stderr, again.stderr[-2000:]
+    assert (out / "modes.json").read_text() == before
+
 
 def test_the_serving_benchmark_measures_every_system_side_by_side(toy, tmp_path):
     out = tmp_path / "serving.json"
@@ -245,3 +256,17 @@ def test_parallel_translators_give_the_same_hypotheses_in_input_order(toy, tmp_p
     assert one == two and len(one) == len(sentences)
     with pytest.raises(ThorError, match="threads must be >= 1"):
         Translator(str(model), threads=0)
+
+
+def test_inference_modes_results_of_another_test_split_or_checkpoint_are_not_pooled():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from inference_modes import refused_mix
+
+    held = {"test_sentences": 626, "checkpoints": {"thor2-seed1": {"checkpoint": "a/checkpoint_last.pt"}}}
+    assert refused_mix({"checkpoints": {}}, 13, {"x": "b.pt"}, replace=False) == []  # an empty --out takes anything
+    assert refused_mix(held, 626, {"thor2-seed2": "b.pt", "thor2-seed1": "a/checkpoint_last.pt"}, False) == []
+    [split] = refused_mix(held, 13, {"thor2-seed2": "b.pt"}, False)
+    assert "626-sentence" in split and "13" in split
+    [name] = refused_mix(held, 626, {"thor2-seed1": "b.pt"}, False)
+    assert "thor2-seed1" in name and "--replace" in name
+    assert refused_mix(held, 626, {"thor2-seed1": "b.pt"}, True) == []
