@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from atomic_files import write_text
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -131,8 +133,8 @@ def main():
           + ", ".join(f"{d} dispatch {r['ratio']:.2f}" for d, r in sharded.items()) + " (aim >= 0.9)")
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(REPO, "benchmarks", "results", f"expert_parallel-e{args.experts}.json")
-    with open(out, "w") as f:
-        json.dump({"args": vars(args), "one_process": single, "expert_parallel": sharded}, f, indent=2)
+    result = {"args": vars(args), "one_process": single, "expert_parallel": sharded}
+    write_text(out, json.dumps(result, indent=2))  # never half a file
     print(f"wrote {out}")
 
 

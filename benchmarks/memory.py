@@ -24,6 +24,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 from speed import add_size_args  # noqa: E402
+from atomic_files import write_text  # noqa: E402
 
 
 def resident_bytes() -> int:
@@ -88,8 +89,8 @@ def main():
               f"   peak {r['peak_bytes'] / 2**20:8.1f} MiB   beyond static {r['beyond_static_bytes'] / 2**20:8.1f} MiB",
               flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"config": {k: v for k, v in vars(args).items() if k != "num_experts"}, "rows": rows}, f, indent=2)
+    config = {k: v for k, v in vars(args).items() if k != "num_experts"}
+    write_text(args.out, json.dumps({"config": config, "rows": rows}, indent=2))  # never half a file
     print(f"wrote {args.out}")
 
 

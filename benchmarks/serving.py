@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from cli_runs import (BIN, USER_DIR, build_corpus, child_env, quiet_plugin_import, run,  # noqa: E402
                       sacrebleu_scores, scratch_root)
 from fairseq_logs import parse_generate_log  # noqa: E402
+from atomic_files import write_text  # noqa: E402
 
 SYSTEMS = ["thor-path", "dense", "ct2-float32", "ct2-int8"]
 TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
@@ -221,8 +222,7 @@ def main(argv=None):
     args = parse_args(argv)
     result = measure(args)
     print(table(result))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_text(args.out, json.dumps(result, indent=2))  # never half a file
     print(f"wrote {args.out}")
 
 
