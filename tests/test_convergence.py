@@ -330,11 +330,11 @@ def test_a_work_folder_recorded_with_threads_resumes(tmp_path, capsys):
     assert "trained with another recipe (--a 1 -> 2); clearing it" in capsys.readouterr().out
 
 
-def cell(model, seed, bleu, dropout=0.3, seconds=100.0):
+def cell(model, seed, bleu, dropout=0.3, seconds=100.0, valid_bleu=None):
     view = {"bleu": bleu, "chrf": 2 * bleu, "updates": 10, "train_s": seconds}
     return {"model": model, "seed": seed, "status": "ok", "mode": "converge", "two_pass": model != "dense",
             "settings": {"dropout": dropout, "data": f"/machine{seed}/data", "threads": seed},
-            "best": dict(view, valid_bleu=bleu), "averaged": view, "equal_time": view, "updates": 20,
+            "best": dict(view, valid_bleu=bleu if valid_bleu is None else valid_bleu), "averaged": view, "equal_time": view, "updates": 20,
             "train_s": seconds, "stopped_by": "patience", "train_words_per_s": 1.0, "total_params": 10,
             "active_params": 5, "curve": [], "host": {"cpu": "x"}}
 
@@ -388,6 +388,17 @@ def test_the_r_drop_target_uses_the_plans_rdropf_row_or_fairseqs_when_alone():
     only_fairseqs = r_drop_target(thor2, cell("rdrop", 1, 34.0))
     assert only_fairseqs["rows"] == "thor2 - rdrop" and only_fairseqs["status"] == "missed"
     assert r_drop_target(thor2)["status"] == "not measured yet"
+
+
+def test_the_best_thor_setting_is_chosen_on_validation_not_test():
+    cells = [cell("dense", 1, 30.0), cell("dense", 2, 30.2),
+             cell("thor2", 1, 33.0, valid_bleu=40.0), cell("thor2", 2, 33.2, valid_bleu=40.4),
+             cell("thor4", 1, 34.0, valid_bleu=39.0)]  # higher on test, lower on validation
+    result = convergence_report.summarize(cells, ["dense", "thor2", "thor4"], {"dropout": 0.3})
+    assert convergence_report.best_thor(result["models"]) == "thor2"
+    assert result["targets"][0]["rows"] == "thor2 - dense"
+    assert "chosen on validation" in convergence_report.markdown(result) and ": thor2." in convergence_report.markdown(
+        result)
 
 
 def test_equal_time_takes_the_best_validation_within_the_budget():
