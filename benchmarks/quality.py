@@ -77,7 +77,9 @@ FLOATS = dict(lr=2e-3, dropout=0.1, weight_decay=1e-4, label_smoothing=0.1, clip
 # R-Drop is trained as rdropf (its objective through thor_consistency: fairseq's loss and gradients
 # for the same dropout masks, tests/test_criterion.py) at ~2x dense per update instead of fairseq's
 # criterion at ~3.3-4x; --plan rdrop:1 adds fairseq's own criterion as a cross-check (README)
-CONVERGE_PLAN = "dense:2,rdropf:2,hash:2,switch:1,thor2:1,thor2a5:1,thor4:1,thor8:1"
+# best-thor:2 is the second seed of the best THOR setting (issue 19), decided by the plan itself
+CONVERGE_PLAN = "dense:2,rdropf:2,hash:2,switch:1,thor2:1,thor2a5:1,thor4:1,thor8:1,best-thor:2"
+BEST_THOR = "best-thor"
 CONVERGE = dict(max_update=30000, save_every=250, dropout=0.3, patience=8, average=5)
 TOY_CONVERGE = dict(max_update=40, save_every=5, patience=2, average=2)
 COST = dict(cost_rounds=2, cost_warm=25, cost_timed=75)  # --measure-cost: updates not timed, then timed
@@ -128,12 +130,20 @@ def n_cells(n: int) -> str:
 
 def plan_cells(args) -> List[tuple]:
     """(model, seed) in running order: seed by seed, dense first."""
-    counts = {}
+    counts, best_thor_seeds = {}, None
     for item in args.plan.split(","):
         name, _, n = item.strip().partition(":")
+        if name == BEST_THOR and n.isdigit():
+            best_thor_seeds = int(n)
+            continue
         if name not in MODELS or not n.isdigit():
-            fail(f"--plan: {item.strip()!r} is not MODEL:SEEDS with MODEL one of {', '.join(MODELS)}")
+            fail(f"--plan: {item.strip()!r} is not MODEL:SEEDS with MODEL one of {', '.join(MODELS)}"
+                 f" (or {BEST_THOR}:SEEDS with --converge)")
         counts[name] = int(n)
+    if best_thor_seeds and not args.report_only:  # a report trains nothing: no need to decide
+        best = decided_best_thor(args, counts)
+        if best:
+            counts[best] = max(counts[best], best_thor_seeds)
     names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(counts)
     unknown = [m for m in names if m not in MODELS]
     if unknown or not names:
@@ -141,6 +151,27 @@ def plan_cells(args) -> List[tuple]:
     seeds = {m: args.seeds or list(range(1, counts.get(m, 1) + 1)) for m in names}
     return [(m, s) for s in sorted({s for v in seeds.values() for s in v})
             for m in MODELS if m in seeds and s in seeds[m]]
+
+
+def decided_best_thor(args, counts: dict) -> Optional[str]:
+    """The plan's ``best-thor:N``: the THOR setting the report calls best (highest mean validation
+    BLEU), once every THOR setting in the plan has a scored cell of this recipe. Before that it
+    plans nothing and says what it waits for, so the usual command trains the best setting's extra
+    seeds in a later sitting without anyone choosing by hand (or by test BLEU)."""
+    planned = [m for m in convergence_report.THOR_ROWS if m in counts]
+    if not args.converge or not planned:
+        fail(f"--plan {BEST_THOR}: needs --converge and THOR settings in the plan "
+             f"({', '.join(convergence_report.THOR_ROWS)})")
+    cells = quality_report.load_cells(os.path.join(args.out, "cells"))
+    models = convergence_report.summarize(cells, list(MODELS), settings(args))["models"]
+    waiting = [m for m in planned if m not in models]
+    if waiting:
+        print(f"--plan {BEST_THOR}: decided once {', '.join(planned)} are scored (waiting for {', '.join(waiting)})",
+              flush=True)
+        return None
+    best = convergence_report.best_thor({m: models[m] for m in planned})
+    print(f"--plan {BEST_THOR}: {best}, the highest mean validation BLEU of {', '.join(planned)}", flush=True)
+    return best
 
 
 def parse_args(argv=None):

@@ -120,7 +120,7 @@ def test_bad_input_gives_one_clear_line(args, expected):
     assert len(proc.stderr.strip().splitlines()) == 1 and re.search(expected, proc.stderr), proc.stderr
 
 
-def test_plan_runs_seed_by_seed_with_dense_first():
+def test_plan_runs_seed_by_seed_with_dense_first(tmp_path):
     args = quality.parse_args(["--plan", "thor2:2,hash:1,dense:2"])
     assert args.cells == [("dense", 1), ("thor2", 1), ("hash", 1), ("dense", 2), ("thor2", 2)]
     args = quality.parse_args(["--models", "thor4,dense", "--seeds", "3,5"])
@@ -128,13 +128,42 @@ def test_plan_runs_seed_by_seed_with_dense_first():
     default = quality.parse_args([]).cells
     assert {m: sum(1 for c in default if c[0] == m) for m in quality.MODELS if any(c[0] == m for c in default)} == {
         "dense": 3, "rdrop": 3, "thor2": 3, "thor4": 1, "switch": 3, "hash": 3}
-    converge = quality.parse_args(["--converge"])
+    converge = quality.parse_args(["--converge", "--out", str(tmp_path)])  # no THOR cell scored there
     assert converge.cells[:2] == [("dense", 1), ("thor2", 1)] and ("thor8", 1) in converge.cells
     assert ("rdropf", 2) in converge.cells and not any(m == "rdrop" for m, _ in converge.cells)
     assert {m: sum(1 for c in converge.cells if c[0] == m) for m in ("dense", "rdropf", "hash", "thor2a5")} == {
         "dense": 2, "rdropf": 2, "hash": 2, "thor2a5": 1}
-    assert (converge.dropout, converge.patience, converge.out.endswith("results/convergence")) == (0.3, 8, True)
+    assert (converge.dropout, converge.patience) == (0.3, 8)
+    assert quality.parse_args(["--converge"]).out.endswith("results/convergence")
     assert quality.parse_args([]).dropout == 0.1  # the 1,000-update study's recipe is unchanged
+
+
+def test_best_thor_in_the_plan_waits_for_every_thor_setting_then_adds_the_validation_best(tmp_path, capsys):
+    plan = ["--converge", "--out", str(tmp_path), "--plan", "dense:1,thor2:1,thor4:1,best-thor:2"]
+    assert quality.parse_args(plan).cells == [("dense", 1), ("thor2", 1), ("thor4", 1)]
+    assert "best-thor: decided once thor2, thor4 are scored (waiting for thor2, thor4)" in capsys.readouterr().out
+    args = quality.parse_args(plan)
+    (tmp_path / "cells").mkdir()
+
+    def scored(model, test_bleu, valid_bleu, **settings):
+        view = {"bleu": test_bleu, "chrf": 50.0, "updates": 100, "train_s": 1.0}
+        cell = {"model": model, "seed": 1, "status": "ok", "two_pass": True, "updates": 120, "train_s": 1.0,
+                "settings": {**quality.settings(args), **settings}, "best": dict(view, valid_bleu=valid_bleu),
+                "averaged": view, "equal_time": view, "stopped_by": "patience", "train_words_per_s": 1.0,
+                "total_params": 10, "active_params": 5}
+        (tmp_path / "cells" / f"{model}-seed1.json").write_text(json.dumps(cell))
+
+    scored("thor2", 30.0, 35.0)
+    scored("thor4", 31.0, 36.0, dropout=0.1)  # another recipe: not a scored thor4 of this study
+    assert ("thor4", 2) not in quality.parse_args(plan).cells and "waiting for thor4" in capsys.readouterr().out
+    scored("thor4", 31.0, 34.0)  # better on test, worse on validation
+    cells = quality.parse_args(plan).cells
+    assert cells == [("dense", 1), ("thor2", 1), ("thor4", 1), ("thor2", 2)]
+    assert "best-thor: thor2, the highest mean validation BLEU of thor2, thor4" in capsys.readouterr().out
+    for wrong in (["--plan", "dense:1,best-thor:2", "--converge"], ["--plan", "thor2:1,best-thor:2"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(wrong)
+        assert "best-thor: needs --converge and THOR settings" in capsys.readouterr().err
 
 
 def test_rdropf_is_rdrop_s_objective_through_the_plugin_s_loss():
