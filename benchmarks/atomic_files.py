@@ -5,6 +5,7 @@ renames it over the target: a reader sees the old file or the new one, and when 
 the same report at once the last rename wins with a whole file.
 """
 import contextlib
+import json
 import os
 
 
@@ -29,3 +30,8 @@ def write_text(path: str, text: str):
     with replacing(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON, written like ``write_text`` (every result and cell file)."""
+    write_text(path, json.dumps(obj, indent=2))

@@ -46,8 +46,9 @@ import quality_report
 import training_cost
 from cli_runs import BIN, USER_DIR, count_params, decode, run
 from paired_significance import REFERENCES, TRANSLATIONS, lines_sha1, write_lines
+from atomic_files import write_json
 from quality_cells import (MODELS, cell_path, filled_and_written, read_cell, recipe, recipe_change, started_cell,
-                           train_command, write_atomic)
+                           train_command)
 
 VALID_BLEU_ARGS = '{"beam": 1, "max_len_a": 1.5, "max_len_b": 10}'  # greedy: validation stays cheap
 RESUMED = re.compile(r"[Ll]oaded checkpoint .* \(epoch \d+ @ (\d+) updates\)")
@@ -276,7 +277,7 @@ def prepare_work(work: str, recipe_now: dict) -> bool:
               "clearing it and training afresh", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.join(work, "checkpoints"))
-    write_atomic(recorded, recipe_now)
+    write_json(recorded, recipe_now)
     return False
 
 
@@ -290,7 +291,7 @@ def attempt_threads(work: str) -> Dict[int, Optional[int]]:
 
 
 def record_attempt(work: str, number: int, threads: Optional[int]):
-    write_atomic(os.path.join(work, "attempts.json"), {**attempt_threads(work), number: threads})
+    write_json(os.path.join(work, "attempts.json"), {**attempt_threads(work), number: threads})
 
 
 def train(args, cell: dict, work: str, env: dict) -> List[str]:
@@ -302,7 +303,7 @@ def train(args, cell: dict, work: str, env: dict) -> List[str]:
                                                        os.path.join(work, "checkpoints"))
         record_attempt(work, number, args.threads)
         run(cmd, os.path.join(work, f"train-{number}.log"), echo=fairseq_logs.progress, env=env)
-        write_atomic(finished, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        write_json(finished, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     return attempt_texts(work)
 
 

@@ -16,7 +16,6 @@ bootstrap tests on the test sentences (``paired_significance.py``) add the test-
 pair of cells whose translations are committed. Cells still training (no cell file yet) are shown
 apart, from their work folders' logs (``convergence_progress.py``), and enter nothing above.
 """
-import json
 import os
 from typing import List, Optional
 
@@ -345,7 +344,7 @@ def build(out_dir: str, order: List[str], settings: dict, work_dir: Optional[str
     result["in_progress"] = convergence_progress.compared_with_dense(
         convergence_progress.unfinished(work_dir, out_dir), dense_curves, costs)
     atomic_files.write_text(os.path.join(out_dir, "convergence.md"), markdown(result))
-    atomic_files.write_text(os.path.join(out_dir, "convergence.json"), json.dumps(result, indent=2))
+    atomic_files.write_json(os.path.join(out_dir, "convergence.json"), result)
     plot(cells, result, os.path.join(out_dir, "convergence.png"))
     return result
 

@@ -14,7 +14,6 @@ processes share the cores, so this measures overheads (dispatch, exchange), not 
 Writes benchmarks/results/expert_parallel-e<E>.json.
 """
 import argparse
-import json
 import os
 import time
 
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from atomic_files import write_text
+from atomic_files import write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,10 +130,8 @@ def main():
               f"{run['tokens_per_s']:>11.0f}{100 * run['all_to_all_share']:>11.1f}%{run['ratio']:>8.2f}")
     print(f"ratio {args.world_size}-process / 1-process tokens/s: "
           + ", ".join(f"{d} dispatch {r['ratio']:.2f}" for d, r in sharded.items()) + " (aim >= 0.9)")
-    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(REPO, "benchmarks", "results", f"expert_parallel-e{args.experts}.json")
-    result = {"args": vars(args), "one_process": single, "expert_parallel": sharded}
-    write_text(out, json.dumps(result, indent=2))  # never half a file
+    write_json(out, {"args": vars(args), "one_process": single, "expert_parallel": sharded})  # never half a file
     print(f"wrote {out}")
 
 

@@ -30,7 +30,7 @@ from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from atomic_files import write_text  # noqa: E402
+from atomic_files import write_json, write_text  # noqa: E402
 from cli_runs import BIN, child_env, count_sentences, decode, run, scratch_root  # noqa: E402
 
 MODES = ["sentence", "token", "path", "mean", "merged"]  # plus fixed-K for every expert, and the export
@@ -161,7 +161,7 @@ def main(argv=None):
         for name, checkpoint in checkpoints.items():
             print(f"==> {name}: {checkpoint}", flush=True)
             result["checkpoints"][name] = decode_all(args, name, checkpoint, work, env)
-            write_text(path, json.dumps(result, indent=2))  # each model as soon as it is done, never half a file
+            write_json(path, result)  # each model as soon as it is done, never half a file
             write_text(os.path.join(args.out, "modes.md"), markdown(result))
     print(markdown(result))
 

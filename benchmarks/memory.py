@@ -24,7 +24,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 from speed import add_size_args  # noqa: E402
-from atomic_files import write_text  # noqa: E402
+from atomic_files import write_json  # noqa: E402
 
 
 def resident_bytes() -> int:
@@ -88,9 +88,8 @@ def main():
         print(f"E={e:<4} params {r['param_bytes'] / 2**20:8.1f} MiB   static {r['static_bytes'] / 2**20:8.1f} MiB"
               f"   peak {r['peak_bytes'] / 2**20:8.1f} MiB   beyond static {r['beyond_static_bytes'] / 2**20:8.1f} MiB",
               flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "num_experts"}
-    write_text(args.out, json.dumps({"config": config, "rows": rows}, indent=2))  # never half a file
+    write_json(args.out, {"config": config, "rows": rows})  # never half a file
     print(f"wrote {args.out}")
 
 

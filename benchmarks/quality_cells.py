@@ -208,7 +208,7 @@ def filled_and_written(args, cell: dict, fill) -> dict:
         cell["error"] = str(e)
     cell["elapsed_s"] = round(time.time() - start, 1)
     cell["load_average_at_end"] = list(os.getloadavg())
-    write_atomic(cell_path(args, cell["model"], cell["seed"]), cell)
+    atomic_files.write_json(cell_path(args, cell["model"], cell["seed"]), cell)
     return cell
 
 
@@ -238,6 +238,3 @@ def finished(path: str) -> bool:
     """Whether the cell file at ``path`` records a finished cell."""
     return (read_cell(path) or {}).get("status") == "ok"
 
-
-def write_atomic(path: str, obj: dict):
-    atomic_files.write_text(path, json.dumps(obj, indent=2))

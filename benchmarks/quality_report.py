@@ -260,6 +260,6 @@ def build(out_dir: str, order: List[str]) -> dict:
     """Read ``out_dir/cells`` and write ``quality.md``, ``quality.json`` and ``quality.png``."""
     result = summarize(load_cells(os.path.join(out_dir, "cells")), order)
     atomic_files.write_text(os.path.join(out_dir, "quality.md"), markdown(result))
-    atomic_files.write_text(os.path.join(out_dir, "quality.json"), json.dumps(result, indent=2))
+    atomic_files.write_json(os.path.join(out_dir, "quality.json"), result)
     plot(result, os.path.join(out_dir, "quality.png"))
     return result

@@ -27,7 +27,6 @@ length (``--min-len 30 --max-len-b 30``) so that every system emits the same num
 Writes ``benchmarks/results/serving.json`` (``serving-base.json``) and prints the table.
 """
 import argparse
-import json
 import os
 import re
 import shutil
@@ -43,7 +42,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from cli_runs import (BIN, USER_DIR, build_corpus, child_env, quiet_plugin_import, run,  # noqa: E402
                       sacrebleu_scores, scratch_root)
 from fairseq_logs import parse_generate_log  # noqa: E402
-from atomic_files import write_text  # noqa: E402
+from atomic_files import write_json  # noqa: E402
 
 SYSTEMS = ["thor-path", "dense", "ct2-float32", "ct2-int8"]
 TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
@@ -222,7 +221,7 @@ def main(argv=None):
     args = parse_args(argv)
     result = measure(args)
     print(table(result))
-    write_text(args.out, json.dumps(result, indent=2))  # never half a file
+    write_json(args.out, result)  # never half a file
     print(f"wrote {args.out}")
 
 

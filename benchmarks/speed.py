@@ -22,7 +22,6 @@ what the tokens mean), alternating the models so that machine noise hits them al
 Prints a table and writes benchmarks/results/speed.json.
 """
 import argparse
-import json
 import os
 import statistics
 import time
@@ -38,7 +37,7 @@ from fairseq.sequence_generator import SequenceGenerator
 import fairseq_thor  # noqa: E402
 from fairseq_thor.criterions.thor_consistency import FUSABLE_ROUTING, ThorConsistencyCriterion  # noqa: E402
 from fairseq_thor.modules.routing import PATH_SALT, keyed_sentence_experts  # noqa: E402
-from atomic_files import write_text  # noqa: E402
+from atomic_files import write_json  # noqa: E402
 
 
 class DictTask:
@@ -217,11 +216,10 @@ def main():
     print(f"\ntraining ratio {train_ratio:.2f}{fused} (aim >= 0.47); "
           f"lowest decoding ratio {min(decode_ratios.values()):.2f} (aim >= 0.90)")
 
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     result = {"config": vars(args), "train_words_per_s": train, "train_ratio": train_ratio,
               "train_ratio_fused": fused_ratio, "rdrop_cost_vs_dense": rdrop_cost,
               "decode_tokens_per_s": decode, "decode_ratios": decode_ratios}
-    write_text(args.out, json.dumps(result, indent=2))  # never half a file
+    write_json(args.out, result)  # never half a file
     print(f"wrote {args.out}")
 
 

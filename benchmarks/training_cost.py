@@ -26,7 +26,8 @@ from typing import Dict, List
 
 import fairseq_logs
 from cli_runs import run
-from quality_cells import train_command, write_atomic
+from atomic_files import write_json
+from quality_cells import train_command
 
 COST_FILE = "cost.json"
 # what decides the work of one update; a calibration made with other values is refused
@@ -91,7 +92,7 @@ def measure(args, names: List[str], env: dict, work: str, rounds: int, warm: int
 
 
 def write(out_dir: str, measured: dict, settings: dict):
-    write_atomic(os.path.join(out_dir, COST_FILE), {**measured, "recipe": cost_key(settings)})
+    write_json(os.path.join(out_dir, COST_FILE), {**measured, "recipe": cost_key(settings)})
 
 
 def calibration(out_dir: str, settings: dict) -> tuple:

@@ -334,9 +334,9 @@ def cell(model, seed, bleu, dropout=0.3, seconds=100.0, valid_bleu=None):
     view = {"bleu": bleu, "chrf": 2 * bleu, "updates": 10, "train_s": seconds}
     return {"model": model, "seed": seed, "status": "ok", "mode": "converge", "two_pass": model != "dense",
             "settings": {"dropout": dropout, "data": f"/machine{seed}/data", "threads": seed},
-            "best": dict(view, valid_bleu=bleu if valid_bleu is None else valid_bleu), "averaged": view, "equal_time": view, "updates": 20,
-            "train_s": seconds, "stopped_by": "patience", "train_words_per_s": 1.0, "total_params": 10,
-            "active_params": 5, "curve": [], "host": {"cpu": "x"}}
+            "best": dict(view, valid_bleu=bleu if valid_bleu is None else valid_bleu), "averaged": view,
+            "equal_time": view, "updates": 20, "train_s": seconds, "stopped_by": "patience",
+            "train_words_per_s": 1.0, "total_params": 10, "active_params": 5, "curve": [], "host": {"cpu": "x"}}
 
 
 def test_a_cell_of_another_recipe_is_not_pooled_into_a_row():
