@@ -31,6 +31,11 @@ Each view's test translations are written to ``OUT/translations/`` (committed, f
 significance tests between models). A scored cell keeps only the checkpoints its views were
 decoded from, for inference-mode rows, serving and export of a converged model.
 
+A session keeps only what is committed, so a cell that outlasts one is carried to the next through
+the repository (``convergence_carry.py``): ``--pack`` (and, while a cell trains, every
+``--pack-every`` minutes) writes its resumable state to OUT/carry/, and the next session's run
+restores the work folder from it before resuming.
+
 Threads are not part of a cell's recipe: an attempt may resume with another ``--threads`` (one
 beside other work, two on idle cores); each attempt's threads are recorded.
 """
@@ -38,9 +43,12 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
+from contextlib import contextmanager
 from typing import Dict, List, Optional
 
+import convergence_carry
 import fairseq_logs
 import quality_report
 import training_cost
@@ -294,7 +302,7 @@ def record_attempt(work: str, number: int, threads: Optional[int]):
     write_json(os.path.join(work, "attempts.json"), {**attempt_threads(work), number: threads})
 
 
-def train(args, cell: dict, work: str, env: dict) -> List[str]:
+def train(args, cell: dict, work: str, env: dict, settings: dict) -> List[str]:
     """Train (or resume, or skip when finished); return every attempt's log text."""
     finished = os.path.join(work, "trained.json")
     if not os.path.exists(finished):
@@ -302,14 +310,39 @@ def train(args, cell: dict, work: str, env: dict) -> List[str]:
         cmd = cell["train_command"] = converge_command(args, cell["model"], cell["seed"],
                                                        os.path.join(work, "checkpoints"))
         record_attempt(work, number, args.threads)
-        run(cmd, os.path.join(work, f"train-{number}.log"), echo=fairseq_logs.progress, env=env)
+        with periodically(args.pack_every * 60, lambda: pack_cell(args, cell["model"], cell["seed"], settings)):
+            run(cmd, os.path.join(work, f"train-{number}.log"), echo=fairseq_logs.progress, env=env)
         write_json(finished, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     return attempt_texts(work)
 
 
+@contextmanager
+def periodically(seconds: float, action):
+    """Call ``action`` every ``seconds`` in a background thread while the block runs (never when
+    ``seconds`` is 0); an error is printed, not raised: the training it watches goes on."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(seconds):
+            try:
+                action()
+            except Exception as e:  # noqa: BLE001 -- a failed pack must not end hours of training
+                print(f"    packing for the next session failed: {type(e).__name__}: {e}", flush=True)
+
+    thread = threading.Thread(target=loop, daemon=True) if seconds > 0 else None
+    if thread:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread:
+            thread.join()
+
+
 def train_and_score(args, cell: dict, work: str, env: dict, settings: dict):
     name, seed = cell["model"], cell["seed"]
-    logs = train(args, cell, work, env)  # one text per attempt
+    logs = train(args, cell, work, env, settings)  # one text per attempt
     save_dir = os.path.join(work, "checkpoints")
     seconds = seconds_across_attempts(logs)
     curve = valid_curve(logs, seconds)
@@ -321,13 +354,16 @@ def train_and_score(args, cell: dict, work: str, env: dict, settings: dict):
         raise RuntimeError(f"no validated checkpoint in {save_dir}")
     best_point = max((p for p in curve if p["bleu"] is not None and p["updates"] in saved),
                      key=lambda p: (p["bleu"], -p["updates"]))
+    missing = not_saved(curve, saved, best_point)
+    if missing:  # a carry always holds the best so far (convergence_carry.needed_updates)
+        raise RuntimeError(f"the best validation BLEU was at update {missing}, whose checkpoint is not in {save_dir}")
     # one attempt per training command: more than one when the cell was interrupted and resumed
     threads = attempt_threads(work)
     cell.update(attempts=[{"log": f"train-{i}.log", "resumed_from": resumed_at(t), "threads": threads.get(i)}
                           for i, t in enumerate(logs, 1)],
                 updates=updates, train_s=seconds[updates], stopped_by=stop_reason(logs, updates, args.max_update),
                 train_words_per_s=words_per_second(logs), total_params=last["total_params"], curve=curve,
-                train_last=last["train_last"])
+                train_last=last["train_last"], carried=carried(work))
     model = MODELS[name]
     cell.update(count_params(saved[best_point["updates"]], cell["total_params"],
                              model.experts or args.gated_experts, 1))
@@ -345,12 +381,34 @@ def train_and_score(args, cell: dict, work: str, env: dict, settings: dict):
         cell["equal_time"] = budget
         return
     point = best_within(curve, budget["budget_updates"], saved)
-    if point is None:
+    missing = point and not_saved([p for p in curve if p["updates"] <= budget["budget_updates"]], saved, point)
+    if missing:  # a carry packed before this budget existed (dense of this seed unfinished then)
+        cell["equal_time"] = {**budget, "missing": f"the best checkpoint within the budget (update {missing}) "
+                                                   "was not carried across sessions"}
+    elif point is None:
         cell["equal_time"] = {**budget, "missing": f"no checkpoint within {budget['budget_updates']} updates"}
     elif point["updates"] == best_point["updates"]:
         cell["equal_time"] = {**budget, **cell["best"]}
     else:
         cell["equal_time"] = {**budget, **scored(seeded, name, saved[point["updates"]], point, work, "equal-time", env)}
+
+
+def not_saved(curve: List[dict], saved: Dict[int, str], chosen: dict) -> Optional[int]:
+    """The update of a validation better than ``chosen`` whose checkpoint is gone, if any: after a
+    carry only the checkpoints scoring may need are there, and choosing among the others would
+    quietly score a worse one."""
+    better = [p["updates"] for p in curve if p["bleu"] is not None and p["updates"] not in saved
+              and (p["bleu"], -p["updates"]) > (chosen["bleu"], -chosen["updates"])]
+    return better[0] if better else None
+
+
+def carried(work: str) -> List[dict]:
+    """The carries a cell went on from (convergence_carry.restore), oldest first."""
+    path = os.path.join(work, "carried.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
 
 
 def _with_seed(args, seed: int):
@@ -369,6 +427,7 @@ def cell_work(args, name: str, seed: int) -> str:
 def run_converge_cell(args, name: str, seed: int, env: dict, settings: dict) -> dict:
     work = cell_work(args, name, seed)
     recipe_now = converge_recipe(args, name, seed)
+    restore_carried(args, name, seed, recipe_now)
     if prepare_work(work, recipe_now):
         done = os.path.exists(os.path.join(work, "trained.json"))
         print(f"    {name} seed {seed}: " + ("training had finished; scoring its checkpoints" if done else
@@ -383,7 +442,56 @@ def run_converge_cell(args, name: str, seed: int, env: dict, settings: dict) -> 
         kept = keep_scored_checkpoints(work, cell)
         print(f"    {name} seed {seed}: kept its scored checkpoints ({', '.join(map(os.path.basename, kept))}) "
               f"in {os.path.dirname(kept[0]) if kept else work}; the other checkpoints are deleted", flush=True)
+    if cell["status"] == "ok" and not budget_was_missing(cell) and os.path.isdir(carry_of(args, name, seed)):
+        shutil.rmtree(carry_of(args, name, seed))  # the cell file says it all now
+        print(f"    {name} seed {seed}: scored; deleted its carry {carry_of(args, name, seed)}", flush=True)
     return cell
+
+
+# ---- across sessions ---------------------------------------------------------------------------
+
+def carry_of(args, name: str, seed: int) -> str:
+    return convergence_carry.carry_folder(args.out, f"{name}-seed{seed}")
+
+
+def pack_cell(args, name: str, seed: int, settings: dict) -> Optional[dict]:
+    """Pack a cell's work folder into OUT/carry/ for the next session; None when it has nothing to
+    go on from (not started, or scored and pruned)."""
+    work = cell_work(args, name, seed)
+    save_dir = os.path.join(work, "checkpoints")
+    if not os.path.exists(os.path.join(save_dir, "checkpoint_last.pt")):
+        return None
+    with open(os.path.join(work, "recipe.json")) as f:
+        recipe_then = without_threads(json.load(f))
+    trained = os.path.exists(os.path.join(work, "trained.json"))
+
+    def choose(last_update: int):
+        saved = {u: path for u, path in update_checkpoints(save_dir).items() if u <= last_update}
+        curve = [p for p in valid_curve(attempt_texts(work), {}) if p["updates"] <= last_update]
+        budget = None if name == "dense" else equal_time_budget(args, name, seed, settings).get("budget_updates")
+        return saved, convergence_carry.needed_updates(curve, saved, trained, args.patience, args.average,
+                                                       args.save_every, budget)
+
+    meta = convergence_carry.pack(work, carry_of(args, name, seed), recipe_then, args.data, choose)
+    print(f"    {name} seed {seed}: packed for the next session into {carry_of(args, name, seed)} "
+          f"({convergence_carry.describe(meta)}); commit it", flush=True)
+    return meta
+
+
+def restore_carried(args, name: str, seed: int, recipe_now: dict):
+    """Rebuild the cell's work folder from its committed carry when the carry has trained further
+    than the folder (a new session has no folder at all)."""
+    folder = carry_of(args, name, seed)
+    meta = convergence_carry.read(folder)
+    if meta is None or updates_logged(args, name, seed, carry=False) >= meta["update"]:
+        return
+    if without_threads(meta["recipe"]) != recipe_now:
+        print(f"    {name} seed {seed}: not restoring {folder}: it was packed for another recipe "
+              f"({recipe_change(without_threads(meta['recipe']), recipe_now)})", flush=True)
+        return
+    convergence_carry.restore(folder, cell_work(args, name, seed), args.data)
+    print(f"    {name} seed {seed}: restored from the carry {folder} ({convergence_carry.describe(meta)})",
+          flush=True)
 
 
 # ---- how long the rest of the plan takes -------------------------------------------------------
@@ -391,12 +499,13 @@ def run_converge_cell(args, name: str, seed: int, env: dict, settings: dict) -> 
 VALIDATION_SHARE = 1.05  # validation and saves every 250 updates: ~2% on dense, ~10% on THOR (measured once)
 
 
-def updates_logged(args, name: str, seed: int) -> int:
-    """The last update an unfinished cell's attempts have logged (0 when it has not started)."""
+def updates_logged(args, name: str, seed: int, carry: bool = True) -> int:
+    """The last update an unfinished cell's attempts have logged, or (``carry``) the update its
+    committed carry goes on from when that is further (0 when it has not started)."""
     work = cell_work(args, name, seed)
-    if not os.path.isdir(work):
-        return 0
-    return max(progress_across_attempts(attempt_texts(work)), default=0)
+    logged = max(progress_across_attempts(attempt_texts(work)), default=0) if os.path.isdir(work) else 0
+    meta = convergence_carry.read(carry_of(args, name, seed)) if carry else None
+    return max(logged, meta["update"] if meta else 0)
 
 
 def time_left(args, todo: List[tuple], settings: dict) -> dict:

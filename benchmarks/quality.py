@@ -19,6 +19,7 @@ training time), rebuilt after every cell (and by --report-only) from whatever ce
     python benchmarks/quality.py --toy --data TOY_BIN  # a tiny model for ~10 updates (tests)
     python benchmarks/quality.py --converge            # to convergence, cell by cell (README)
     python benchmarks/quality.py --converge --measure-cost  # s/update of each model, side by side
+    python benchmarks/quality.py --converge --pack     # unfinished cells into OUT/carry/, to commit
 
 Default plan (--plan): seeds 1-3 for dense, rdrop, thor2, switch and hash, seed 1 for thor4,
 run seed by seed with dense first; --models picks some, --seeds gives every model the same seeds.
@@ -59,8 +60,8 @@ from cli_runs import DATA_LAYOUT, build_corpus, child_env, count_sentences, data
 import convergence_report  # noqa: E402
 import training_cost  # noqa: E402
 from cell_claim import holder, try_claim, waiting_for_claim  # noqa: E402
-from convergence_cells import (converge_recipe, needs_rescoring, run_converge_cell, updates_logged,  # noqa: E402
-                               without_threads, time_left as converge_time_left)
+from convergence_cells import (converge_recipe, needs_rescoring, pack_cell, run_converge_cell,  # noqa: E402
+                               updates_logged, without_threads, time_left as converge_time_left)
 from quality_cells import (MODELS, SETTINGS, cell_path, finished, host_info, read_cell, recipe,  # noqa: E402
                            recipe_change, run_cell)
 
@@ -208,6 +209,12 @@ def parse_args(argv=None):
     for key, value in COST.items():
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None,
                        help=f"--measure-cost: default {value} ({TOY_COST[key]} with --toy)")
+    p.add_argument("--pack", action="store_true",
+                   help="--converge: instead of training, pack every started, unscored cell of the plan into "
+                        "OUT/carry/ (benchmarks/convergence_carry.py) to commit before a session ends; safe "
+                        "while the cells train")
+    p.add_argument("--pack-every", type=float, default=30.0, metavar="MINUTES",
+                   help="--converge: also pack the cell being trained every MINUTES (default 30; 0: never)")
     p.add_argument("--consistency-alpha-warmup-updates", type=int, default=0,
                    help="THOR's; passed only when > 0 (default 0)")
     p.add_argument("--gated-experts", type=int, default=4, help="E for switch and hash (default 4)")
@@ -229,8 +236,10 @@ def parse_args(argv=None):
                 **(TOY_COST if args.toy else COST)}
     if args.converge:
         defaults.update(CONVERGE, **(TOY_CONVERGE if args.toy else {}))
-    elif args.patience is not None or args.average is not None or args.measure_cost:
-        fail("--patience, --average and --measure-cost belong to --converge")
+    elif args.patience is not None or args.average is not None or args.measure_cost or args.pack:
+        fail("--patience, --average, --measure-cost and --pack belong to --converge")
+    if args.pack_every < 0:
+        fail(f"--pack-every {args.pack_every}: minutes between packs, at least 0 (0: never)")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -344,6 +353,8 @@ def main(argv=None) -> int:
     env = child_env(args.threads)
     if args.measure_cost:
         return measure_cost(args, env)
+    if args.pack:
+        return pack_started(args)
 
     if args.converge:
         args.cells = started_first(args, args.cells)
@@ -371,6 +382,16 @@ def main(argv=None) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)} (errors in the cell files and the report)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def pack_started(args) -> int:
+    """--pack: every started, unscored cell of the plan into OUT/carry/ (one under the claim of the
+    cells' own processes is packed all the same: its checkpoint_last.pt is read whole)."""
+    packed = [c for c in args.cells if not finished(cell_path(args, *c)) and pack_cell(args, *c, settings(args))]
+    print(f"packed {len(packed)} cell(s) into {short(os.path.join(args.out, 'carry'))}" +
+          ("; commit that folder before the session ends" if packed else
+           " (none of the plan's unscored cells has a checkpoint_last.pt)"), flush=True)
+    return 0
 
 
 def started_first(args, cells: List[tuple]) -> List[tuple]:

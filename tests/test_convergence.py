@@ -1,14 +1,17 @@
 """benchmarks/quality.py --converge at toy size through the real CLIs: patience stops a run before
 its cap, an interrupted cell resumes from its own checkpoint and ends where an uninterrupted one
 does, the averaged checkpoint is the mean of the last files, and the report pools only one recipe."""
+import argparse
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ from test_cli import REPO, make_toy_data
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import cell_claim  # noqa: E402
+import convergence_carry  # noqa: E402
 import convergence_cells  # noqa: E402
 import convergence_report  # noqa: E402
 import paired_significance  # noqa: E402
@@ -58,8 +62,15 @@ def study(tmp_path_factory):
     checkpoints = root / "work-killed" / "cells" / "thor2-seed1" / "checkpoints"
     killed = converge(data, root / "work-killed", root / "out-killed", "--plan", "thor2:1",
                       kill_when=checkpoints / "checkpoint_*_10.pt")
+    # before resuming it here, pack it for "the next session": a new machine with only what is committed
+    packed = converge(data, root / "work-killed", root / "out-killed", "--plan", "thor2:1", "--pack")
+    shutil.copytree(root / "out-killed", root / "out-carried")
+    shutil.copytree(root / "out-killed" / "carry", root / "carry-as-packed")
+    shutil.copy(checkpoints / "checkpoint_last.pt", root / "last-as-packed.pt")
     resumed = converge(data, root / "work-killed", root / "out-killed", "--plan", "thor2:1", "--threads", 2)
-    return {"root": root, "data": data, "cost": cost, "whole": whole, "killed": killed, "resumed": resumed}
+    carried = converge(data, root / "work-carried", root / "out-carried", "--plan", "thor2:1")
+    return {"root": root, "data": data, "cost": cost, "whole": whole, "killed": killed, "resumed": resumed,
+            "packed": packed, "carried": carried}
 
 
 def test_measure_cost_times_every_planned_model_round_by_round(study):
@@ -133,6 +144,98 @@ def test_an_interrupted_cell_resumes_and_ends_like_an_uninterrupted_one(study):
     assert [(p["updates"], p["loss"], p["bleu"]) for p in resumed["curve"]] == \
            [(p["updates"], p["loss"], p["bleu"]) for p in whole["curve"]]
     assert resumed["best"]["bleu"] == whole["best"]["bleu"]
+
+
+def test_a_cell_carried_to_a_new_session_trains_on_exactly_as_if_never_stopped(study):
+    """A new session has only what is committed: the packed carry, no work folder."""
+    root = study["root"]
+    code, output = study["packed"]
+    assert code == 0 and "packed 1 cell(s) into " in output, output[-3000:]
+    meta = json.loads((root / "carry-as-packed" / "thor2-seed1" / "carry.json").read_text())
+    assert meta["update"] in (5, 10) and meta["checkpoints"]["checkpoint_last.pt"]["optimizer"]
+    code, output = study["carried"]
+    assert code == 0, output[-3000:]
+    assert "thor2 seed 1: restored from the carry " in output and "resuming from " in output
+    whole, carried = cell_of(root / "out"), cell_of(root / "out-carried")
+    assert [(p["updates"], p["loss"], p["bleu"]) for p in carried["curve"]] == \
+           [(p["updates"], p["loss"], p["bleu"]) for p in whole["curve"]]
+    assert carried["updates"] == whole["updates"] and carried["stopped_by"] == whole["stopped_by"]
+    assert carried["best"]["bleu"] == whole["best"]["bleu"] and carried["best"]["updates"] == whole["best"]["updates"]
+    assert carried["averaged"]["bleu"] == whole["averaged"]["bleu"]
+    assert [a["resumed_from"] for a in carried["attempts"]] == [0, meta["update"]]  # the carried log is the first
+    assert [c["update"] for c in carried["carried"]] == [meta["update"]]
+    assert carried["carried"][0]["packed_at"] == meta["packed_at"]
+
+
+def test_a_carry_holds_checkpoint_last_whole_in_shards(study, tmp_path):
+    root = study["root"]
+    folder = root / "carry-as-packed" / "thor2-seed1"
+    meta = json.loads((folder / "carry.json").read_text())
+    assert meta["shards"] and all((folder / s).stat().st_size <= convergence_carry.SHARD_BYTES for s in meta["shards"])
+    convergence_carry.restore(str(folder), str(tmp_path / "cell"), study["data"])
+    load = lambda p: torch.load(p, map_location="cpu", weights_only=False)  # noqa: E731 (test's own files)
+    original, restored = load(root / "last-as-packed.pt"), load(tmp_path / "cell" / "checkpoints" / "checkpoint_last.pt")
+
+    def same(a, b, where="checkpoint"):
+        assert type(a) is type(b), where
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), where
+        elif isinstance(a, np.ndarray):  # fairseq's BLEU counts in the saved meters
+            assert a.dtype == b.dtype and np.array_equal(a, b), where
+        elif isinstance(a, dict):
+            assert list(a) == list(b), where
+            for k in a:
+                same(a[k], b[k], f"{where}/{k}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{where}/{i}")
+        else:
+            assert a == b, where
+
+    same(original, restored)  # weights, Adam's moments, the schedule, the data position, the patience counter
+    assert original["last_optimizer_state"]["state"]  # there were moments to compare
+    for name, entry in meta["checkpoints"].items():  # the update checkpoints it carries, weights only
+        if name != "checkpoint_last.pt" and "copy_of" not in entry:
+            assert "last_optimizer_state" not in load(tmp_path / "cell" / "checkpoints" / name)
+    logs = sorted(p.name for p in (tmp_path / "cell").glob("train-*.log"))
+    assert logs == ["train-1.log"] and (tmp_path / "cell" / "recipe.json").exists()
+    assert not list(tmp_path.glob("*.restoring"))
+
+
+def test_a_carry_for_another_dictionary_or_recipe_is_not_restored(study, tmp_path, capsys):
+    folder = study["root"] / "carry-as-packed" / "thor2-seed1"
+    other = tmp_path / "data"
+    shutil.copytree(study["data"], other)
+    dictionary = next(other.glob("dict.*.txt"))
+    dictionary.write_text(dictionary.read_text() + "extra 1\n")
+    with pytest.raises(RuntimeError, match="was packed for another dictionary"):
+        convergence_carry.restore(str(folder), str(tmp_path / "cell"), str(other))
+    assert not (tmp_path / "cell").exists()
+    args = argparse.Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "w"), data=study["data"])
+    shutil.copytree(study["root"] / "carry-as-packed", tmp_path / "out" / "carry")
+    recipe = json.loads((folder / "carry.json").read_text())["recipe"]
+    convergence_cells.restore_carried(args, "thor2", 1, {**recipe, "average": 99})
+    assert "not restoring " in capsys.readouterr().out and not (tmp_path / "w").exists()
+    convergence_cells.restore_carried(args, "thor2", 1, recipe)
+    assert (tmp_path / "w" / "cells" / "thor2-seed1" / "checkpoints" / "checkpoint_last.pt").exists()
+    assert "restored from the carry" in capsys.readouterr().out
+
+
+def test_a_carry_keeps_the_checkpoints_scoring_may_still_need():
+    curve = [{"updates": u, "bleu": b} for u, b in
+             [(250, 10.0), (500, 20.0), (750, 19.0), (1000, 21.0), (1250, 20.5), (1500, 20.9), (1750, 20.0)]]
+    saved = {p["updates"]: f"checkpoint_1_{p['updates']}.pt" for p in curve}
+    need = lambda **kw: convergence_carry.needed_updates(  # noqa: E731
+        curve, saved, **{"trained": False, "patience": 3, "average": 2, "save_every": 250, "budget_updates": None, **kw})
+    # best at 1000; a stop 3 validations later (1750) averages 1500 and 1750: both already saved
+    assert need() == {1000: "best so far", 1500: "may be averaged", 1750: "may be averaged"}
+    assert need(patience=8) == {1000: "best so far"}  # the averaged ones all lie after the resume
+    assert need(budget_updates=800) == {500: "best within the equal-time budget", 1000: "best so far",
+                                        1500: "may be averaged", 1750: "may be averaged"}
+    assert need(trained=True, average=3) == {1000: "best so far", 1250: "may be averaged",
+                                             1500: "may be averaged", 1750: "may be averaged"}
+    assert convergence_carry.needed_updates([], {}, False, 3, 2, 250, None) == {}
 
 
 def test_the_averaged_checkpoint_is_the_mean_of_the_last_files(study):
@@ -433,7 +536,13 @@ def test_measure_cost_options_are_checked_by_name(capsys):
         "quality.py: error: --cost-timed 10 must be a positive multiple of 3 (it is logged in thirds)")
     with pytest.raises(SystemExit):
         quality.parse_args(["--measure-cost"])
-    assert "--measure-cost belong to --converge" in capsys.readouterr().err
+    assert "--measure-cost and --pack belong to --converge" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--pack"])
+    assert "--pack belong to --converge" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--converge", "--pack-every", "-1", "--report-only"])
+    assert "--pack-every -1.0: minutes between packs, at least 0 (0: never)" in capsys.readouterr().err
 
 
 def test_the_eta_counts_what_is_left_to_train_at_the_calibrated_cost(tmp_path):
