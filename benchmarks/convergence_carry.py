@@ -19,8 +19,8 @@ session and never finish. (Seen on 2026-12-07: THOR E=2 at 14,500 updates and de
 * the attempts' logs, ``attempts.json``, ``recipe.json`` and the carries before this one: the curve
   and the training time so far.
 
-Tensors are written into shard files of at most :data:`SHARD_BYTES`, below the 50 MB at which Git
-hosts start to warn; the rest of each checkpoint is a small skeleton. :func:`restore` rebuilds the
+Tensors are written into shard files of at most :data:`SHARD_BYTES` (45 MiB), below the 50 MiB at
+which Git hosts start to warn; the rest of each checkpoint is a small skeleton. :func:`restore` rebuilds the
 work folder from a carry when the folder has no ``checkpoint_last.pt``, after checking that the
 carry was packed for the same recipe and the same dictionary. A carried cell records each carry
 (``carried``: the update it went on from, when it was packed and restored).
@@ -107,14 +107,25 @@ def _join(obj, tensors: Dict[str, torch.Tensor]):
 
 
 def _shards(tensors: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
-    """Tensors in file-sized groups, in order (one tensor larger than a shard gets its own)."""
-    groups, size = [{}], 0
+    """Tensors in file-sized groups, in order (one tensor larger than a shard gets its own).
+
+    torch.save writes a tensor's whole storage, once per file: tensors that share one (fairseq's
+    shared embeddings and output projection) go into the same shard and count once, and a view
+    of a larger storage is copied out so that the rest of that storage is not written."""
+    groups, size, shard_of = [{}], 0, {}
     for key, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
+        if tensor.untyped_storage().nbytes() != nbytes:
+            tensor = tensor.contiguous().clone()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in shard_of:
+            groups[shard_of[storage]][key] = tensor
+            continue
         if groups[-1] and size + nbytes > SHARD_BYTES:
             groups.append({})
             size = 0
-        groups[-1][key] = tensor.contiguous().clone() if tensor.storage_offset() or not tensor.is_contiguous() else tensor
+        groups[-1][key] = tensor
+        shard_of[storage] = len(groups) - 1
         size += nbytes
     return groups
 

@@ -222,6 +222,20 @@ def test_a_carry_for_another_dictionary_or_recipe_is_not_restored(study, tmp_pat
     assert "restored from the carry" in capsys.readouterr().out
 
 
+def test_carry_shards_write_a_shared_storage_once_and_stay_under_their_size(monkeypatch):
+    monkeypatch.setattr(convergence_carry, "SHARD_BYTES", 1000)
+    embed = torch.randn(100)  # 400 bytes, shared by two keys as fairseq's tied embeddings are
+    big = torch.randn(1000)
+    tensors = {"a": torch.randn(100), "embed": embed, "b": torch.randn(100), "proj": embed,
+               "view": big[10:20], "c": torch.randn(100)}
+    shards = convergence_carry._shards(tensors)
+    assert [list(s) for s in shards] == [["a", "embed", "proj"], ["b", "view", "c"]]
+    assert shards[1]["view"].untyped_storage().nbytes() == 40  # not the 4,000-byte storage it was cut from
+    for shard in shards:
+        distinct = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in shard.values()}
+        assert sum(distinct.values()) <= 1000
+
+
 def test_a_carry_keeps_the_checkpoints_scoring_may_still_need():
     curve = [{"updates": u, "bleu": b} for u, b in
              [(250, 10.0), (500, 20.0), (750, 19.0), (1000, 21.0), (1250, 20.5), (1500, 20.9), (1750, 20.0)]]
