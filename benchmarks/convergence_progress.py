@@ -5,32 +5,49 @@ A THOR cell takes several sittings on 2 CPU cores; until it is scored it has no 
 report's tables cannot show it. This module gives the report an "in progress" section instead of
 hand-written status lines: each unfinished cell's updates so far, its latest and best validation
 BLEU, and what the finished dense cells had reached at the same update and at the same calibrated
-training time. These are not results (greedy validation BLEU of a model still training), and they
-exist only where the work folders do (``work/`` is not committed).
+training time. These are not results (greedy validation BLEU of a model still training). They are
+read from the work folders (``work/``, not committed) or, for a cell whose folder is absent or less
+trained, from the logs in its committed carry (OUT/carry/<cell>/work/, ``convergence_carry.py``), so
+a report rebuilt on a fresh clone still shows them.
 """
 import os
 import re
 from typing import Dict, List, Optional
 
+from convergence_carry import CARRY
 from convergence_cells import attempt_texts, progress_across_attempts, valid_curve
 from quality_cells import finished
 
 CELL_FOLDER = re.compile(r"(?P<model>[a-z0-9]+)-seed(?P<seed>\d+)")
 
 
+def cell_folders(work_dir: Optional[str], out_dir: str) -> Dict[str, List[str]]:
+    """Each cell's folders of attempt logs: its work folder, its committed carry's, or both."""
+    found: Dict[str, List[str]] = {}
+    for entry in _entries(os.path.join(work_dir, "cells")) if work_dir else []:
+        found.setdefault(entry.name, []).append(entry.path)
+    for entry in _entries(os.path.join(out_dir, CARRY)):
+        if os.path.isdir(os.path.join(entry.path, "work")):
+            found.setdefault(entry.name, []).append(os.path.join(entry.path, "work"))
+    return found
+
+
+def _entries(folder: str) -> List[os.DirEntry]:
+    return sorted((e for e in os.scandir(folder) if e.is_dir()), key=lambda e: e.name) if os.path.isdir(folder) else []
+
+
 def unfinished(work_dir: Optional[str], out_dir: str) -> List[dict]:
-    """Every cell folder under ``work_dir/cells`` that has trained and has no finished cell file."""
-    root = os.path.join(work_dir or "", "cells")
-    if not work_dir or not os.path.isdir(root):
-        return []
+    """Every cell that has trained and has no finished cell file, from the most trained of its work
+    folder and its carry."""
     rows = []
-    for name in sorted(os.listdir(root)):
+    for name, folders in sorted(cell_folders(work_dir, out_dir).items()):
         m = CELL_FOLDER.fullmatch(name)
-        if not m or not os.path.isdir(os.path.join(root, name)):
+        if not m:
             continue
         if finished(os.path.join(out_dir, "cells", f"{name}.json")):
             continue  # finished: its folder only keeps the scored checkpoints
-        logs = attempt_texts(os.path.join(root, name))
+        texts = [attempt_texts(folder) for folder in folders]
+        logs = max(texts, key=lambda t: max(progress_across_attempts(t), default=0))
         updates = max(progress_across_attempts(logs), default=0)
         curve = [p for p in valid_curve(logs, {}) if p["bleu"] is not None]
         if not curve:

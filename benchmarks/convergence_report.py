@@ -237,7 +237,7 @@ def progress_markdown(rows: List[dict]) -> List[str]:
     if not rows:
         return []
     out = ["## In progress (not results)", "",
-           "Cells still training when this report was built, from their local work folders: greedy "
+           "Cells still training when this report was built, from their work folders or committed carries: greedy "
            "validation BLEU of models that have not converged, beside the finished dense cells' validation "
            "BLEU (mean over their seeds) at the same update and at the same calibrated training time.", ""]
 

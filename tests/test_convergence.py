@@ -167,6 +167,27 @@ def test_a_cell_carried_to_a_new_session_trains_on_exactly_as_if_never_stopped(s
     assert carried["carried"][0]["packed_at"] == meta["packed_at"]
 
 
+def test_the_report_shows_a_carried_cell_in_progress_without_its_work_folder(study, tmp_path):
+    import quality_cells
+
+    out = tmp_path / "out"
+    shutil.copytree(study["root"] / "carry-as-packed", out / "carry")
+    (out / "carry" / "thor2-seed1.packing-x").mkdir()  # a pack's staging folder is not a cell
+    meta = json.loads((out / "carry" / "thor2-seed1" / "carry.json").read_text())
+    settings = cell_of(study["root"] / "out", "dense-seed1.json")["settings"]
+    result = convergence_report.build(str(out), list(quality_cells.MODELS), settings, str(tmp_path / "no-work"))
+    (row,) = result["in_progress"]
+    assert (row["model"], row["seed"], row["attempts"]) == ("thor2", 1, 1)
+    assert row["updates"] >= meta["update"]  # the log may run past the packed checkpoint
+    # a work folder that has trained further wins over the carry
+    work = tmp_path / "work" / "cells" / "thor2-seed1"
+    work.mkdir(parents=True)
+    for log in (study["root"] / "work" / "cells" / "thor2-seed1").glob("train-*.log"):
+        shutil.copy(log, work)
+    result = convergence_report.build(str(out), list(quality_cells.MODELS), settings, str(tmp_path / "work"))
+    assert result["in_progress"][0]["updates"] == cell_of(study["root"] / "out")["updates"]
+
+
 def test_a_carry_holds_checkpoint_last_whole_in_shards(study, tmp_path):
     root = study["root"]
     folder = root / "carry-as-packed" / "thor2-seed1"
