@@ -257,6 +257,25 @@ def test_carry_shards_write_a_shared_storage_once_and_stay_under_their_size(monk
         assert sum(distinct.values()) <= 1000
 
 
+def test_a_training_packs_itself_periodically_and_a_failed_pack_does_not_stop_it(capsys):
+    calls = []
+
+    def action():
+        calls.append(time.time())
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    with convergence_cells.periodically(0.05, action):
+        time.sleep(0.5)
+    stopped = len(calls)
+    time.sleep(0.2)
+    assert stopped >= 3 and len(calls) == stopped  # went on after the failure, stopped with the block
+    assert "packing for the next session failed: OSError: disk full" in capsys.readouterr().out
+    with convergence_cells.periodically(0, action):  # --pack-every 0: never
+        time.sleep(0.1)
+    assert len(calls) == stopped
+
+
 def test_a_carry_keeps_the_checkpoints_scoring_may_still_need():
     curve = [{"updates": u, "bleu": b} for u, b in
              [(250, 10.0), (500, 20.0), (750, 19.0), (1000, 21.0), (1250, 20.5), (1500, 20.9), (1750, 20.0)]]
