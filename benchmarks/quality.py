@@ -81,7 +81,7 @@ FLOATS = dict(lr=2e-3, dropout=0.1, weight_decay=1e-4, label_smoothing=0.1, clip
 # best-thor:2 is the second seed of the best THOR setting (issue 19), decided by the plan itself
 CONVERGE_PLAN = "dense:2,rdropf:2,hash:2,switch:1,thor2:1,thor2a5:1,thor4:1,thor8:1,best-thor:2"
 BEST_THOR = "best-thor"
-CONVERGE = dict(max_update=30000, save_every=250, dropout=0.3, patience=8, average=5)
+CONVERGE = dict(max_update=30000, save_every=250, dropout=0.3, patience=8, average=5, pack_every=30)
 TOY_CONVERGE = dict(max_update=40, save_every=5, patience=2, average=2)
 COST = dict(cost_rounds=2, cost_warm=25, cost_timed=75)  # --measure-cost: updates not timed, then timed
 TOY_COST = dict(cost_rounds=2, cost_warm=3, cost_timed=6)
@@ -213,8 +213,9 @@ def parse_args(argv=None):
                    help="--converge: instead of training, pack every started, unscored cell of the plan into "
                         "OUT/carry/ (benchmarks/convergence_carry.py) to commit before a session ends; safe "
                         "while the cells train")
-    p.add_argument("--pack-every", type=float, default=30.0, metavar="MINUTES",
-                   help="--converge: also pack the cell being trained every MINUTES (default 30; 0: never)")
+    p.add_argument("--pack-every", type=float, default=None, metavar="MINUTES",
+                   help=f"--converge: also pack the cell being trained every MINUTES (default "
+                        f"{CONVERGE['pack_every']:g}; 0: never)")
     p.add_argument("--consistency-alpha-warmup-updates", type=int, default=0,
                    help="THOR's; passed only when > 0 (default 0)")
     p.add_argument("--gated-experts", type=int, default=4, help="E for switch and hash (default 4)")
@@ -232,13 +233,14 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true", help="keep each cell's checkpoints and logs")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the cells")
     args = p.parse_args(argv)
-    defaults = {**(TOY if args.toy else DEFAULTS), **FLOATS, "patience": None, "average": None,
+    defaults = {**(TOY if args.toy else DEFAULTS), **FLOATS, "patience": None, "average": None, "pack_every": 0,
                 **(TOY_COST if args.toy else COST)}
     if args.converge:
         defaults.update(CONVERGE, **(TOY_CONVERGE if args.toy else {}))
-    elif args.patience is not None or args.average is not None or args.measure_cost or args.pack:
-        fail("--patience, --average, --measure-cost and --pack belong to --converge")
-    if args.pack_every < 0:
+    elif any(v not in (None, False) for v in (args.patience, args.average, args.measure_cost, args.pack,
+                                                args.pack_every)):
+        fail("--patience, --average, --measure-cost, --pack and --pack-every belong to --converge")
+    if args.converge and args.pack_every is not None and args.pack_every < 0:
         fail(f"--pack-every {args.pack_every}: minutes between packs, at least 0 (0: never)")
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -590,10 +590,12 @@ def test_measure_cost_options_are_checked_by_name(capsys):
         "quality.py: error: --cost-timed 10 must be a positive multiple of 3 (it is logged in thirds)")
     with pytest.raises(SystemExit):
         quality.parse_args(["--measure-cost"])
-    assert "--measure-cost and --pack belong to --converge" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        quality.parse_args(["--pack"])
-    assert "--pack belong to --converge" in capsys.readouterr().err
+    assert "--measure-cost, --pack and --pack-every belong to --converge" in capsys.readouterr().err
+    for alone in (["--pack"], ["--pack-every", "5"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(alone)
+        assert "--pack and --pack-every belong to --converge" in capsys.readouterr().err
+    assert quality.parse_args(["--converge", "--report-only"]).pack_every == 30
     with pytest.raises(SystemExit):
         quality.parse_args(["--converge", "--pack-every", "-1", "--report-only"])
     assert "--pack-every -1.0: minutes between packs, at least 0 (0: never)" in capsys.readouterr().err
