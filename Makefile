@@ -25,11 +25,13 @@ demo: venv
 
 # Two pytest workers (one test file each at a time, so a file's fixtures are built once), one torch
 # thread per process: the tests' toy trainings gain nothing from threads, and two workers with two
-# threads each would oversubscribe two cores. TEST_WORKERS=0 runs in one process.
+# threads each would oversubscribe two cores. TEST_WORKERS=0 runs in one process. The 25 slowest
+# tests are listed at the end: the suite's time depends on the CPU (13-17 min on the Intel Xeon
+# machines, 32 min on an AMD EPYC with AVX2 only), and the list says where it goes.
 TEST_WORKERS ?= 2
 test: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
-		$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+		$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 bench: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) benchmarks/speed.py
