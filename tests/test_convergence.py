@@ -239,8 +239,11 @@ def test_a_carry_for_another_dictionary_or_recipe_is_not_restored(study, tmp_pat
     convergence_cells.restore_carried(args, "thor2", 1, {**recipe, "average": 99})
     assert "not restoring " in capsys.readouterr().out and not (tmp_path / "w").exists()
     convergence_cells.restore_carried(args, "thor2", 1, recipe)
-    assert (tmp_path / "w" / "cells" / "thor2-seed1" / "checkpoints" / "checkpoint_last.pt").exists()
-    assert "restored from the carry" in capsys.readouterr().out
+    last = tmp_path / "w" / "cells" / "thor2-seed1" / "checkpoints" / "checkpoint_last.pt"
+    assert last.exists() and "restored from the carry" in capsys.readouterr().out
+    before = last.stat().st_mtime_ns
+    convergence_cells.restore_carried(args, "thor2", 1, recipe)  # the folder is as far: left as it is
+    assert capsys.readouterr().out == "" and last.stat().st_mtime_ns == before
 
 
 def test_carry_shards_write_a_shared_storage_once_and_stay_under_their_size(monkeypatch):
