@@ -11,11 +11,10 @@ session and never finish. (Seen on 2026-12-07: THOR E=2 at 14,500 updates and de
 * ``checkpoint_last.pt`` whole -- weights, the optimizer's moments, the learning-rate schedule, the
   position in the data and the ``--patience`` counter -- so that the training goes on exactly as an
   uninterrupted run does, update for update;
-* the update checkpoints that scoring may still decode, weights only: the best so far, the best
-  within the equal-time budget (when a dense cell gives one), and those that may still be among the
-  last ``--average`` averaged -- the ones at least (patience - average + 1) saves after the best, as
-  a run stops ``--patience`` validations after its best (all of the last ``--average`` once training
-  has ended); every other checkpoint scoring needs is written after the resume;
+* the update checkpoints that scoring may still decode, weights only
+  (``convergence_cells.checkpoints_scoring_may_need``: the best so far, the best within the
+  equal-time budget, those that may still be among the last ``--average`` averaged); every other
+  checkpoint scoring needs is written after the resume;
 * the attempts' logs, ``attempts.json``, ``recipe.json`` and the carries before this one: the curve
   and the training time so far.
 
@@ -58,28 +57,6 @@ def dictionary_sha1(data: str) -> str:
         with open(os.path.join(data, name), "rb") as f:
             digest.update(name.encode() + b"\0" + f.read())
     return digest.hexdigest()
-
-
-# ---- which checkpoints a cell still needs ------------------------------------------------------
-
-def needed_updates(curve: List[dict], saved: Dict[int, str], trained: bool, patience: int, average: int,
-                   save_every: int, budget_updates: Optional[int]) -> Dict[int, str]:
-    """The saved update checkpoints that scoring may still decode (update -> why)."""
-    scored = [p for p in curve if p["bleu"] is not None and p["updates"] in saved]
-    if not scored:
-        return {}
-    best = max(scored, key=lambda p: (p["bleu"], -p["updates"]))["updates"]
-    why = {best: "best so far"}
-    if budget_updates is not None:
-        inside = [p for p in scored if p["updates"] <= budget_updates]
-        if inside:
-            within = max(inside, key=lambda p: (p["bleu"], -p["updates"]))["updates"]
-            why.setdefault(within, "best within the equal-time budget")
-    averaged = (sorted(saved)[-average:] if trained else
-                [u for u in saved if u >= best + (patience - average + 1) * save_every])
-    for u in averaged:
-        why.setdefault(u, "may be averaged")
-    return dict(sorted(why.items()))
 
 
 # ---- tensors in shards, the rest in skeletons --------------------------------------------------

@@ -189,6 +189,27 @@ def best_within(curve: List[dict], budget_updates: int, saved: Dict[int, str]) -
     return max(inside, key=lambda p: (p["bleu"], -p["updates"])) if inside else None
 
 
+def checkpoints_scoring_may_need(curve: List[dict], saved: Dict[int, str], trained: bool, patience: int,
+                                 average: int, save_every: int, budget_updates: Optional[int]) -> Dict[int, str]:
+    """The saved update checkpoints that scoring may still decode (update -> why), i.e. what a carry
+    to the next session keeps: the best so far, the best within the equal-time budget, and those
+    that may still be among the last ``average`` averaged -- the ones at least (patience - average +
+    1) saves after the best, as a run stops ``patience`` validations after its best (all of the last
+    ``average`` once training has ended). Every later checkpoint is written after the resume."""
+    best = best_within(curve, max(saved, default=0), saved)
+    if best is None:
+        return {}
+    why = {best["updates"]: "best so far"}
+    within = best_within(curve, budget_updates, saved) if budget_updates is not None else None
+    if within:
+        why.setdefault(within["updates"], "best within the equal-time budget")
+    averaged = (sorted(saved)[-average:] if trained else
+                [u for u in saved if u >= best["updates"] + (patience - average + 1) * save_every])
+    for u in averaged:
+        why.setdefault(u, "may be averaged")
+    return dict(sorted(why.items()))
+
+
 def updates_to_best(cell: Optional[dict]) -> Optional[int]:
     return cell["best"]["updates"] if cell and cell.get("status") == "ok" else None
 
@@ -355,7 +376,7 @@ def train_and_score(args, cell: dict, work: str, env: dict, settings: dict):
     best_point = max((p for p in curve if p["bleu"] is not None and p["updates"] in saved),
                      key=lambda p: (p["bleu"], -p["updates"]))
     missing = not_saved(curve, saved, best_point)
-    if missing:  # a carry always holds the best so far (convergence_carry.needed_updates)
+    if missing:  # a carry always holds the best so far (checkpoints_scoring_may_need)
         raise RuntimeError(f"the best validation BLEU was at update {missing}, whose checkpoint is not in {save_dir}")
     # one attempt per training command: more than one when the cell was interrupted and resumed
     threads = attempt_threads(work)
@@ -469,8 +490,8 @@ def pack_cell(args, name: str, seed: int, settings: dict) -> Optional[dict]:
         saved = {u: path for u, path in update_checkpoints(save_dir).items() if u <= last_update}
         curve = [p for p in valid_curve(attempt_texts(work), {}) if p["updates"] <= last_update]
         budget = None if name == "dense" else equal_time_budget(args, name, seed, settings).get("budget_updates")
-        return saved, convergence_carry.needed_updates(curve, saved, trained, args.patience, args.average,
-                                                       args.save_every, budget)
+        return saved, checkpoints_scoring_may_need(curve, saved, trained, args.patience, args.average,
+                                                   args.save_every, budget)
 
     meta = convergence_carry.pack(work, carry_of(args, name, seed), recipe_then, args.data, choose)
     print(f"    {name} seed {seed}: packed for the next session into {carry_of(args, name, seed)} "

@@ -46,9 +46,8 @@ def unfinished(work_dir: Optional[str], out_dir: str) -> List[dict]:
             continue
         if finished(os.path.join(out_dir, "cells", f"{name}.json")):
             continue  # finished: its folder only keeps the scored checkpoints
-        texts = [attempt_texts(folder) for folder in folders]
-        logs = max(texts, key=lambda t: max(progress_across_attempts(t), default=0))
-        updates = max(progress_across_attempts(logs), default=0)
+        updates, logs = max(((max(progress_across_attempts(t), default=0), t) for t in map(attempt_texts, folders)),
+                            key=lambda pair: pair[0])
         curve = [p for p in valid_curve(logs, {}) if p["bleu"] is not None]
         if not curve:
             continue

@@ -283,7 +283,7 @@ def test_a_carry_keeps_the_checkpoints_scoring_may_still_need():
     curve = [{"updates": u, "bleu": b} for u, b in
              [(250, 10.0), (500, 20.0), (750, 19.0), (1000, 21.0), (1250, 20.5), (1500, 20.9), (1750, 20.0)]]
     saved = {p["updates"]: f"checkpoint_1_{p['updates']}.pt" for p in curve}
-    need = lambda **kw: convergence_carry.needed_updates(  # noqa: E731
+    need = lambda **kw: convergence_cells.checkpoints_scoring_may_need(  # noqa: E731
         curve, saved, **{"trained": False, "patience": 3, "average": 2, "save_every": 250, "budget_updates": None, **kw})
     # best at 1000; a stop 3 validations later (1750) averages 1500 and 1750: both already saved
     assert need() == {1000: "best so far", 1500: "may be averaged", 1750: "may be averaged"}
@@ -292,7 +292,7 @@ def test_a_carry_keeps_the_checkpoints_scoring_may_still_need():
                                         1500: "may be averaged", 1750: "may be averaged"}
     assert need(trained=True, average=3) == {1000: "best so far", 1250: "may be averaged",
                                              1500: "may be averaged", 1750: "may be averaged"}
-    assert convergence_carry.needed_updates([], {}, False, 3, 2, 250, None) == {}
+    assert convergence_cells.checkpoints_scoring_may_need([], {}, False, 3, 2, 250, None) == {}
 
 
 def test_the_averaged_checkpoint_is_the_mean_of_the_last_files(study):
