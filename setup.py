@@ -31,8 +31,9 @@ setup(
     ],
     extras_require={
         # matplotlib: benchmarks/quality.py's plots (its toy runs are tests); pytest-xdist: make test's
-        # two workers
-        "test": ["pytest>=7", "pytest-xdist>=3", "sacremoses>=0.2", "subword-nmt>=0.3.8", "matplotlib>=3.5"],
+        # two workers; filelock: one toy demo corpus shared by those workers (torch installs it too)
+        "test": ["pytest>=7", "pytest-xdist>=3", "filelock>=3", "sacremoses>=0.2", "subword-nmt>=0.3.8",
+                 "matplotlib>=3.5"],
         "recipes": ["sacremoses>=0.2", "subword-nmt>=0.3.8"],  # examples/iwslt14_de_en, wmt16_en_de
         "bench": ["matplotlib>=3.5"],
         # fairseq-thor-export-ctranslate2 and fairseq_thor.serving.translator; 4.x reads fairseq

@@ -1,9 +1,14 @@
-"""Shared fixtures: tiny THOR models built through fairseq's own argument parsing."""
+"""Shared fixtures: tiny THOR models built through fairseq's own argument parsing, and make demo's
+toy corpus built once for the whole test run."""
 import argparse
+import glob
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from filelock import FileLock
 from fairseq import options
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_MODEL_REGISTRY
@@ -62,3 +67,42 @@ def random_batch(dictionary, batch_size=3, src_len=5, tgt_len=4, seed=0):
     prev[:, 0] = dictionary.eos()
     lengths = torch.full((batch_size,), src_len, dtype=torch.long)
     return src, lengths, prev
+
+
+# make demo's knobs at toy size (tests/test_demo.py and the GPU check's CPU rehearsal use the same)
+TOY_DEMO = {"VOCAB": "600", "LAYERS": "1", "EMBED": "32", "FFN": "64", "HEADS": "2", "MAX_TOKENS": "4000",
+            "WARMUP": "2", "OMP_NUM_THREADS": "1"}
+needs_catalogs = pytest.mark.skipif(not glob.glob("/usr/share/locale/de/LC_MESSAGES/*.mo"),
+                                    reason="needs German gettext catalogs (the demo's data)")
+
+
+# What every pytest-xdist worker of this test run can read: each worker has its own basetemp, under
+# one parent (set by the fixture below, before any test runs)
+SHARED_TMP = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_tmp_dir(tmp_path_factory, worker_id):
+    base = tmp_path_factory.getbasetemp()
+    SHARED_TMP["dir"] = base if worker_id == "master" else base.parent
+    return SHARED_TMP["dir"]
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(shared_tmp_dir):
+    """examples/demo/run.sh's steps 1-3 (corpus, sentencepiece, fairseq-preprocess) at the toy
+    vocabulary, run once and shared by every test that runs the demo: they copy it into their own
+    WORK folder, and run.sh skips what is there. Building it is most of a toy demo's time (~1 min
+    here), and the pytest-xdist workers share the one build through a lock file."""
+    shared = shared_tmp_dir
+    work = shared / "demo-corpus"
+    with FileLock(str(shared / "demo-corpus.lock")):
+        if not (work / "built").exists():
+            env = dict(os.environ, WORK=str(work), DATA_ONLY="1", **TOY_DEMO,
+                       PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+            proc = subprocess.run(["bash", os.path.join(REPO, "examples", "demo", "run.sh")], cwd=REPO, env=env,
+                                  text=True, capture_output=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert f"corpus ready in {work} (DATA_ONLY=1)" in proc.stdout
+            (work / "built").write_text(proc.stdout)
+    return work

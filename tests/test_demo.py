@@ -1,11 +1,12 @@
 """`make demo`: the progress filter's ETA, and the whole script end to end at toy size."""
-import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import TOY_DEMO, needs_catalogs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples", "demo"))
@@ -48,14 +49,12 @@ def test_validation_and_errors_pass_through_and_noise_does_not():
     assert out[1:] == ["    Traceback (most recent call last):", "    ValueError: --lr is bad"]
 
 
-needs_catalogs = pytest.mark.skipif(not glob.glob("/usr/share/locale/de/LC_MESSAGES/*.mo"),
-                                    reason="needs German gettext catalogs (the demo's data)")
-
-
-def run_demo(work, **knobs):
-    env = dict(os.environ, WORK=str(work), VOCAB="600", MAX_UPDATE="4", LOG_INTERVAL="2", LAYERS="1",
-               EMBED="32", FFN="64", HEADS="2", MAX_TOKENS="4000", WARMUP="2",
-               OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+def run_demo(corpus, work, **knobs):
+    """run.sh in ``work``, holding a copy of the shared toy corpus (the demo_corpus fixture built it
+    with run.sh's own steps 1-3), so that it goes straight to training."""
+    shutil.copytree(corpus, work, ignore=shutil.ignore_patterns("built"))
+    env = dict(os.environ, WORK=str(work), MAX_UPDATE="4", LOG_INTERVAL="2", **TOY_DEMO,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     env.pop("PYTHONWARNINGS", None)
     proc = subprocess.run(["bash", os.path.join(REPO, "examples", "demo", "run.sh")], cwd=REPO,
                           env={**env, **knobs}, text=True, capture_output=True, timeout=900)
@@ -71,8 +70,8 @@ def readme_minutes():
 
 @pytest.mark.cli
 @needs_catalogs
-def test_demo_runs_end_to_end_and_decodes_every_test_sentence(tmp_path):
-    out = run_demo(tmp_path / "demo")
+def test_demo_runs_end_to_end_and_decodes_every_test_sentence(demo_corpus, tmp_path):
+    out = run_demo(demo_corpus, tmp_path / "demo")
     # the expected duration is said up front, as the README says it
     assert f"make demo: about {readme_minutes()} minutes" in out
     assert "FutureWarning" not in out and "NOTE:" not in out
@@ -96,8 +95,8 @@ def test_demo_runs_end_to_end_and_decodes_every_test_sentence(tmp_path):
 
 @pytest.mark.cli
 @needs_catalogs
-def test_a_demo_stopped_by_its_time_guard_says_so_and_what_it_takes(tmp_path):
-    out = run_demo(tmp_path / "demo", MAX_UPDATE="100000", TRAIN_MINUTES="0.01")
+def test_a_demo_stopped_by_its_time_guard_says_so_and_what_it_takes(demo_corpus, tmp_path):
+    out = run_demo(demo_corpus, tmp_path / "demo", MAX_UPDATE="100000", TRAIN_MINUTES="0.01")
     note = out[out.index("NOTE: the TRAIN_MINUTES=0.01 guard stopped training after "):]
     reached = int(re.match(r"NOTE: the TRAIN_MINUTES=0.01 guard stopped training after (\d+) of 100000", note).group(1))
     assert 0 < reached < 100000

@@ -1,13 +1,14 @@
 """benchmarks/gpu/: the prepared GPU check, rehearsed on the CPU so that it cannot rot between GPU
 runs (what a GPU run does differently is only the sizes, the precision flags and the install)."""
-import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
+from conftest import TOY_DEMO, needs_catalogs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks", "gpu"))
@@ -40,14 +41,17 @@ def test_a_step_past_its_limit_is_killed_and_reported(tmp_path, monkeypatch):
 
 
 @pytest.mark.cli
-@pytest.mark.skipif(not glob.glob("/usr/share/locale/de/LC_MESSAGES/*.mo"),
-                    reason="needs German gettext catalogs (the demo's data)")
-def test_the_cpu_rehearsal_runs_every_step(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PY=sys.executable)
-    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu", "check.sh"), str(tmp_path), "--rehearsal"],
+@needs_catalogs
+def test_the_cpu_rehearsal_runs_every_step(demo_corpus, tmp_path):
+    # a bundle holding only the demo's (toy) corpus, as `make gpu-bundle` lays it out for the GPU run
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_corpus, bundle / "demo", ignore=shutil.ignore_patterns("built"))
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PY=sys.executable, BUNDLE=str(bundle))
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu", "check.sh"), str(out), "--rehearsal"],
                           cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.load(open(tmp_path / "check.json"))
+    report = json.load(open(out / "check.json"))
     steps = {s["name"]: s for s in report["steps"]}
     assert list(steps) == ["install", "cuda_tests", "demo_fp16", "demo_bf16", "speed_e4", "speed_e16", "memory"]
     assert report["rehearsal"] and report["environment"]["fairseq"][0].isdigit()
@@ -55,9 +59,11 @@ def test_the_cpu_rehearsal_runs_every_step(tmp_path):
     assert all(steps[n]["status"] == "ok" for n in ["cuda_tests", "demo_fp16", "speed_e4", "speed_e16", "memory"])
     assert steps["cuda_tests"]["passed"] > 30 and "failed" not in steps["cuda_tests"]
     demo = steps["demo_fp16"]
+    # as on the GPU, which has no catalogs; at the same vocabulary, or run.sh would encode it anew
+    assert demo["corpus"] == f"copied from {bundle / 'demo'}" and check_steps.TOY_DEMO["VOCAB"] == TOY_DEMO["VOCAB"]
     assert demo["decoded"] > 0 and demo["updates"] == 6  # decoded < test sentences fails the step and demo["last_loss"] < demo["first_loss"]
     assert demo["overflows"] == 0 and demo["bleu"] is not None
     assert set(steps["speed_e4"]["decode_ratios"]) == {"thor E=1", "thor E=4", "thor E=16"}
     assert 0 < steps["speed_e4"]["train_ratio"] and steps["speed_e4"]["train_ratio_fused"] > 0
     assert set(steps["memory"]["peak_mib"]) == {"1", "4"}
-    assert (tmp_path / "check.log").stat().st_size > 0 and (tmp_path / "demo_fp16-train.log").exists()
+    assert (out / "check.log").stat().st_size > 0 and (out / "demo_fp16-train.log").exists()

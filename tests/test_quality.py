@@ -21,7 +21,8 @@ import quality_report  # noqa: E402
 pytestmark = pytest.mark.cli
 
 
-MODELS = ["dense", "rdrop", "thor2", "thor4", "switch", "hash"]
+# thor4 is thor2's code with more experts: left out of the toy study (~20 s of the suite)
+MODELS = ["dense", "rdrop", "thor2", "switch", "hash"]
 PLAN = ",".join(f"{m}:{2 if m in ('dense', 'thor2') else 1}" for m in MODELS)
 FAILING = MODELS[-1]  # given a flag fairseq-train rejects in the first run only
 
@@ -80,7 +81,7 @@ def test_every_cell_records_what_produced_it(study):
         assert all(isinstance(p["train_s"], float) for p in cell["valid_curve"])
         assert "--seed" in cell["train_command"] and cell["generate_commands"]
         assert cell["threads"] == 1 and cell["device"] == "cpu" and cell["host"]["cpu_count"] >= 1
-        if cell["model"] in ("rdrop", "thor2", "thor4"):  # one expert per token costs the dense FFN
+        if cell["model"] in ("rdrop", "thor2"):  # one expert per token costs the dense FFN
             assert cell["active_params"] == study["json"]["models"]["dense"]["total_params"]
         # equal time: scored, or one-pass (= final), or a reason (toy times are whole seconds)
         assert "bleu" in cell["equal_time"] or "missing" in cell["equal_time"]

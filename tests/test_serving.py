@@ -119,17 +119,24 @@ def ct2_tokens(model_dir, sentences, **options):
     return Translator(str(model_dir), **options).translate(sentences)
 
 
+@pytest.fixture(scope="module")
+def expert1_dense(toy):
+    """Expert 1 exported as a stock transformer: the reference every CTranslate2 setting decodes against."""
+    dense = toy["root"] / "expert1-dense.pt"
+    run("fairseq-thor-export-dense", toy["ckpt"], "--out", dense, "--expert", "1")
+    return dense
+
+
 @pytest.mark.parametrize("beam,limits", [(1, []), (5, []), (3, ["--max-len-a", "0.5", "--max-len-b", "2"]),
                                          (4, ["--min-len", "6"])])
-def test_ctranslate2_float32_gives_fairseq_generates_hypotheses(toy, tmp_path, beam, limits):
+def test_ctranslate2_float32_gives_fairseq_generates_hypotheses(toy, expert1_dense, tmp_path, beam, limits):
     model = tmp_path / "ct2"
     run("fairseq-thor-export-ctranslate2", toy["ckpt"], "--data-dir", toy["data"], "--out", model,
         "--expert", "1", "--beam", beam, *limits)
     settings = json.loads((model / "fairseq_decoding.json").read_text())
     assert settings["beam"] == beam and settings["expert"] == "1"
-    run("fairseq-thor-export-dense", toy["ckpt"], "--out", tmp_path / "dense.pt", "--expert", "1")
     # batch size 1: fairseq applies the longest source's length limit to its whole batch
-    reference = stock_generate(toy, tmp_path / "dense.pt", "--beam", str(beam), "--batch-size", "1", *limits)
+    reference = stock_generate(toy, expert1_dense, "--beam", str(beam), "--batch-size", "1", *limits)
     wanted, src = hypotheses(reference), sources(reference)
     ids = sorted(src)
     got = dict(zip(ids, ct2_tokens(model, [src[i] for i in ids])))
@@ -206,6 +213,7 @@ def test_the_inference_modes_benchmark_scores_every_mode_and_checks_the_export(t
     expected = {"sentence", "token", "path", "mean", "merged", "export-0 (stock fairseq)",
                 *(f"fixed-{k}" for k in range(NUM_EXPERTS))}
     assert set(cell["modes"]) == expected and cell["num_experts"] == NUM_EXPERTS
+    # every test sentence decoded in every mode: test_cli leaves these modes to this test
     assert all(row["sentences"] == 13 and row["decode_s"] >= 0 for row in cell["modes"].values())
     assert cell["export_equals_fixed_0"] is True
     assert cell["modes"]["export-0 (stock fairseq)"]["bleu"] == cell["modes"]["fixed-0"]["bleu"]
