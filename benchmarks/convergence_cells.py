@@ -373,8 +373,9 @@ def train_and_score(args, cell: dict, work: str, env: dict, settings: dict):
     saved = update_checkpoints(save_dir)
     if not curve or not saved:
         raise RuntimeError(f"no validated checkpoint in {save_dir}")
-    best_point = max((p for p in curve if p["bleu"] is not None and p["updates"] in saved),
-                     key=lambda p: (p["bleu"], -p["updates"]))
+    best_point = best_within(curve, max(saved), saved)
+    if best_point is None:
+        raise RuntimeError(f"no checkpoint in {save_dir} has a validation BLEU")
     missing = not_saved(curve, saved, best_point)
     if missing:  # a carry always holds the best so far (checkpoints_scoring_may_need)
         raise RuntimeError(f"the best validation BLEU was at update {missing}, whose checkpoint is not in {save_dir}")
