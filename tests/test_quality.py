@@ -21,8 +21,9 @@ import quality_report  # noqa: E402
 pytestmark = pytest.mark.cli
 
 
-# thor4 is thor2's code with more experts: left out of the toy study (~20 s of the suite)
-MODELS = ["dense", "rdrop", "thor2", "switch", "hash"]
+# every kind of cell once: dense, R-Drop, THOR, a gated baseline (hash, which fails the first run and
+# trains in the second); thor4 and switch take thor2's and hash's code with other flags (~20 s each)
+MODELS = ["dense", "rdrop", "thor2", "hash"]
 PLAN = ",".join(f"{m}:{2 if m in ('dense', 'thor2') else 1}" for m in MODELS)
 FAILING = MODELS[-1]  # given a flag fairseq-train rejects in the first run only
 

@@ -202,5 +202,6 @@ def test_a_small_training_capacity_drops_tokens_in_training_only(router, toy_dat
     assert re.search(r"valid on 'valid' subset .*\| dropped 0 \|", log), log[-3000:]
     assert generate_counting_drops(toy_data, ckpt) == 0  # beam search at the default: no cap
     assert generate_counting_drops(toy_data, ckpt, "--eval-capacity-factor", "0.25") > 0
-    assert generate_counting_drops(
-        toy_data, ckpt, "--model-overrides", "{'eval_capacity_factor': 0.25}") > 0
+    if router == "switch":  # the same setting through the checkpoint's config: the router plays no part
+        assert generate_counting_drops(
+            toy_data, ckpt, "--model-overrides", "{'eval_capacity_factor': 0.25}") > 0
