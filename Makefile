@@ -27,7 +27,8 @@ demo: venv
 # thread per process: the tests' toy trainings gain nothing from threads, and two workers with two
 # threads each would oversubscribe two cores. TEST_WORKERS=0 runs in one process. The 25 slowest
 # tests are listed at the end: the suite's time depends on the CPU (13-17 min on the Intel Xeon
-# machines, 32 min on an AMD EPYC with AVX2 only), and the list says where it goes.
+# machines, 28 min on an AMD EPYC with AVX2 only, where fairseq's imports alone take ~6 s a process),
+# and the list says where it goes.
 TEST_WORKERS ?= 2
 test: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
