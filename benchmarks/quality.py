@@ -81,6 +81,12 @@ FLOATS = dict(lr=2e-3, dropout=0.1, weight_decay=1e-4, label_smoothing=0.1, clip
 # best-thor:2 is the second seed of the best THOR setting (issue 19), decided by the plan itself
 CONVERGE_PLAN = "dense:2,rdropf:2,hash:2,switch:1,thor2:1,thor2a5:1,thor4:1,thor8:1,best-thor:2"
 BEST_THOR = "best-thor"
+# --converge runs a seed's cells in this order (the 1,000-update study keeps MODELS' order): each cell
+# takes several sittings, so the comparisons the targets name come first -- THOR E=2 against dense,
+# hash and R-Drop, then E=4 against E=2 -- then the paper's alpha, Switch (the multilingual target's
+# baseline, no bilingual target), E=8 ("if the budget allows"), and fairseq's own R-Drop criterion
+# (a cross-check of rdropf, not in the default plan)
+CONVERGE_ORDER = ["dense", "thor2", "hash", "rdropf", "thor4", "thor2a5", "switch", "thor8", "rdrop"]
 CONVERGE = dict(max_update=30000, save_every=250, dropout=0.3, patience=8, average=5, pack_every=30)
 TOY_CONVERGE = dict(max_update=40, save_every=5, patience=2, average=2)
 COST = dict(cost_rounds=2, cost_warm=25, cost_timed=75)  # --measure-cost: updates not timed, then timed
@@ -130,7 +136,7 @@ def n_cells(n: int) -> str:
 
 
 def plan_cells(args) -> List[tuple]:
-    """(model, seed) in running order: seed by seed, dense first."""
+    """(model, seed) in running order: seed by seed, dense first (with --converge, CONVERGE_ORDER)."""
     counts, best_thor_seeds = {}, None
     for item in args.plan.split(","):
         name, _, n = item.strip().partition(":")
@@ -150,8 +156,9 @@ def plan_cells(args) -> List[tuple]:
     if unknown or not names:
         fail(f"--models: unknown model {', '.join(unknown) or '(none given)'}; valid names: {', '.join(MODELS)}")
     seeds = {m: args.seeds or list(range(1, counts.get(m, 1) + 1)) for m in names}
+    order = CONVERGE_ORDER if args.converge else MODELS
     return [(m, s) for s in sorted({s for v in seeds.values() for s in v})
-            for m in MODELS if m in seeds and s in seeds[m]]
+            for m in order if m in seeds and s in seeds[m]]
 
 
 def decided_best_thor(args, counts: dict) -> Optional[str]:

@@ -131,7 +131,11 @@ def test_plan_runs_seed_by_seed_with_dense_first(tmp_path):
     assert {m: sum(1 for c in default if c[0] == m) for m in quality.MODELS if any(c[0] == m for c in default)} == {
         "dense": 3, "rdrop": 3, "thor2": 3, "thor4": 1, "switch": 3, "hash": 3}
     converge = quality.parse_args(["--converge", "--out", str(tmp_path)])  # no THOR cell scored there
-    assert converge.cells[:2] == [("dense", 1), ("thor2", 1)] and ("thor8", 1) in converge.cells
+    # the targets' comparisons first: THOR E=2 vs dense, hash, R-Drop, then E=4; E=8 last of seed 1
+    assert sorted(quality.CONVERGE_ORDER) == sorted(quality.MODELS)
+    assert converge.cells[:7] == [("dense", 1), ("thor2", 1), ("hash", 1), ("rdropf", 1), ("thor4", 1),
+                                  ("thor2a5", 1), ("switch", 1)]
+    assert converge.cells[7:] == [("thor8", 1), ("dense", 2), ("hash", 2), ("rdropf", 2)]
     assert ("rdropf", 2) in converge.cells and not any(m == "rdrop" for m, _ in converge.cells)
     assert {m: sum(1 for c in converge.cells if c[0] == m) for m in ("dense", "rdropf", "hash", "thor2a5")} == {
         "dense": 2, "rdropf": 2, "hash": 2, "thor2a5": 1}
