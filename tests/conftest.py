@@ -69,9 +69,12 @@ def random_batch(dictionary, batch_size=3, src_len=5, tgt_len=4, seed=0):
     return src, lengths, prev
 
 
-# make demo's knobs at toy size (tests/test_demo.py and the GPU check's CPU rehearsal use the same)
-TOY_DEMO = {"VOCAB": "600", "LAYERS": "1", "EMBED": "32", "FFN": "64", "HEADS": "2", "MAX_TOKENS": "4000",
-            "WARMUP": "2", "OMP_NUM_THREADS": "1"}
+# make demo's knobs at toy size: the GPU check's CPU rehearsal's, less its training length (each test
+# sets its own); the shared corpus below is built at its vocabulary, so the rehearsal can reuse it
+sys.path.insert(0, os.path.join(REPO, "benchmarks", "gpu"))
+import check_steps  # noqa: E402
+
+TOY_DEMO = {k: v for k, v in check_steps.TOY_DEMO.items() if k not in ("MAX_UPDATE", "LOG_INTERVAL")}
 needs_catalogs = pytest.mark.skipif(not glob.glob("/usr/share/locale/de/LC_MESSAGES/*.mo"),
                                     reason="needs German gettext catalogs (the demo's data)")
 
