@@ -51,10 +51,10 @@ def make_toy_data(root):
     with FileLock(f"{cache}.lock"):
         if not cache.exists():
             staging = SHARED_TMP["dir"] / "toy-corpus.staging"
-            shutil.rmtree(staging, ignore_errors=True)
-            (staging / "raw").mkdir(parents=True)
-            write_corpus(staging / "raw", random.Random(0))
+            shutil.rmtree(staging, ignore_errors=True)  # a build that died half-way
             raw = staging / "raw"
+            raw.mkdir(parents=True)
+            write_corpus(raw, random.Random(0))
             run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
                 "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
                 "--destdir", staging / "data-bin", "--workers", "1")
