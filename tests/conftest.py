@@ -3,6 +3,7 @@ toy corpus built once for the whole test run."""
 import argparse
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -91,21 +92,34 @@ def shared_tmp_dir(tmp_path_factory, worker_id):
     return SHARED_TMP["dir"]
 
 
+def built_once(name, build):
+    """The folder ``name`` in SHARED_TMP, made by ``build(folder)`` once per test run and shared by
+    every pytest-xdist worker: the first caller builds it under a lock, in a staging folder renamed
+    into place, so the others find it whole or absent (a build that died half-way is started over)."""
+    done = SHARED_TMP["dir"] / name
+    with FileLock(f"{done}.lock"):
+        if not done.exists():
+            staging = SHARED_TMP["dir"] / f"{name}.staging"
+            shutil.rmtree(staging, ignore_errors=True)  # left by a build that died half-way
+            staging.mkdir()
+            build(staging)
+            staging.rename(done)
+    return done
+
+
+def build_demo_corpus(work):
+    env = dict(os.environ, WORK=str(work), DATA_ONLY="1", **TOY_DEMO,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run(["bash", os.path.join(REPO, "examples", "demo", "run.sh")], cwd=REPO, env=env,
+                          text=True, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"corpus ready in {work} (DATA_ONLY=1)" in proc.stdout
+
+
 @pytest.fixture(scope="session")
 def demo_corpus(shared_tmp_dir):
     """examples/demo/run.sh's steps 1-3 (corpus, sentencepiece, fairseq-preprocess) at the toy
     vocabulary, run once and shared by every test that runs the demo: they copy it into their own
     WORK folder, and run.sh skips what is there. Building it is most of a toy demo's time (~1 min
-    here), and the pytest-xdist workers share the one build through a lock file."""
-    shared = shared_tmp_dir
-    work = shared / "demo-corpus"
-    with FileLock(str(shared / "demo-corpus.lock")):
-        if not (work / "built").exists():
-            env = dict(os.environ, WORK=str(work), DATA_ONLY="1", **TOY_DEMO,
-                       PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-            proc = subprocess.run(["bash", os.path.join(REPO, "examples", "demo", "run.sh")], cwd=REPO, env=env,
-                                  text=True, capture_output=True, timeout=600)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-            assert f"corpus ready in {work} (DATA_ONLY=1)" in proc.stdout
-            (work / "built").write_text(proc.stdout)
-    return work
+    here)."""
+    return built_once("demo-corpus", build_demo_corpus)

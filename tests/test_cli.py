@@ -8,8 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SHARED_TMP
-from filelock import FileLock
+from conftest import built_once
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -43,22 +42,20 @@ def write_corpus(raw, rng):
                 ft.write(" ".join(f"t{w}" for w in reversed(words)) + "\n")
 
 
+def build_toy_corpus(folder):
+    raw = folder / "raw"
+    raw.mkdir()
+    write_corpus(raw, random.Random(0))
+    run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
+        "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+        "--destdir", folder / "data-bin", "--workers", "1")
+
+
 def make_toy_data(root):
     """The toy corpus under ``root`` (raw/ and its binarized data-bin/); returns the data-bin folder.
     It is the same corpus every time (seed 0): fairseq-preprocess runs once per test run (~8 s a
     call, some twenty callers), and each caller gets its own copy to change as it likes."""
-    cache = SHARED_TMP["dir"] / "toy-corpus"
-    with FileLock(f"{cache}.lock"):
-        if not cache.exists():
-            staging = SHARED_TMP["dir"] / "toy-corpus.staging"
-            shutil.rmtree(staging, ignore_errors=True)  # a build that died half-way
-            raw = staging / "raw"
-            raw.mkdir(parents=True)
-            write_corpus(raw, random.Random(0))
-            run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
-                "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
-                "--destdir", staging / "data-bin", "--workers", "1")
-            staging.rename(cache)  # whole or absent, for the callers waiting on the lock
+    cache = built_once("toy-corpus", build_toy_corpus)
     for folder in ("raw", "data-bin"):
         shutil.copytree(cache / folder, root / folder)
     return root / "data-bin"

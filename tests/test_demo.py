@@ -52,7 +52,7 @@ def test_validation_and_errors_pass_through_and_noise_does_not():
 def run_demo(corpus, work, **knobs):
     """run.sh in ``work``, holding a copy of the shared toy corpus (the demo_corpus fixture built it
     with run.sh's own steps 1-3), so that it goes straight to training."""
-    shutil.copytree(corpus, work, ignore=shutil.ignore_patterns("built"))
+    shutil.copytree(corpus, work)
     env = dict(os.environ, WORK=str(work), MAX_UPDATE="4", LOG_INTERVAL="2", **TOY_DEMO,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     env.pop("PYTHONWARNINGS", None)

@@ -45,7 +45,7 @@ def test_a_step_past_its_limit_is_killed_and_reported(tmp_path, monkeypatch):
 def test_the_cpu_rehearsal_runs_every_step(demo_corpus, tmp_path):
     # a bundle holding only the demo's (toy) corpus, as `make gpu-bundle` lays it out for the GPU run
     bundle = tmp_path / "bundle"
-    shutil.copytree(demo_corpus, bundle / "demo", ignore=shutil.ignore_patterns("built"))
+    shutil.copytree(demo_corpus, bundle / "demo")
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PY=sys.executable, BUNDLE=str(bundle))
     proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu", "check.sh"), str(out), "--rehearsal"],

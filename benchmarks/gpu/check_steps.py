@@ -145,7 +145,8 @@ def demo(check, precision):
     corpus = os.path.join(check.args.bundle, "demo")
     # the GPU machine has no gettext catalogs: run.sh skips its corpus steps on the bundle's copy. The
     # rehearsal copies it the same way when there is a bundle, else run.sh builds the toy corpus here
-    if not check.args.rehearsal or os.path.isdir(corpus):
+    bundled = os.path.isdir(corpus)
+    if not check.args.rehearsal or bundled:
         shutil.copytree(corpus, work, dirs_exist_ok=True)
     if check.args.rehearsal:
         env = dict(TOY_DEMO, WORK=work)
@@ -153,7 +154,7 @@ def demo(check, precision):
         flag = f"--{precision}"
         env = dict(GPU_DEMO, WORK=work, EXTRA_TRAIN_ARGS=flag, EXTRA_GENERATE_ARGS=flag)
     step, out = check.run(name, ["bash", "examples/demo/run.sh"], 200, env)
-    step["corpus"] = f"copied from {corpus}" if os.path.isdir(corpus) else "built by run.sh"
+    step["corpus"] = f"copied from {corpus}" if bundled else "built by run.sh"
     step["precision"] = "fp32 (rehearsal on the CPU)" if check.args.rehearsal else precision
     train_log = os.path.join(work, "train.log")
     if os.path.exists(train_log):
